@@ -1,8 +1,12 @@
 """Molmo-agnostic MoE kernels, installed as `molmo_fast.kernels` (the bare name `kernels` belongs to PyPI)."""
 
+from .op import IMPLS, moe_mlp
 from .reference import moe_mlp_loop
 
-# Placeholder until the dispatching op lands: the eager loop has the op's exact signature.
-moe_mlp = moe_mlp_loop
 
-__all__ = ["moe_mlp", "moe_mlp_loop"]
+def moe_mlp_grouped_mm(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, expert_weight_TK):
+    """The torch grouped_mm path with the op's exact signature (differentiable through the custom op)."""
+    return moe_mlp(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, expert_weight_TK, impl="grouped_mm")
+
+
+__all__ = ["IMPLS", "moe_mlp", "moe_mlp_grouped_mm", "moe_mlp_loop"]

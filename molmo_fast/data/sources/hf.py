@@ -1,0 +1,166 @@
+"""Shared machinery of the Hugging Face converters: source spec, offline loading, rows -> shard records.
+
+A converter is a plain function `convert(row, image_size) -> list[example fields]` over one row of the public
+dataset, with its real column names. The machinery around it fetches the image (a datasets `Image` column, kept as
+its original bytes, or a URL with the download cache), fills in ids and writes nothing itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import datasets
+
+from molmo_fast.data.shards import SCHEMA_VERSION, Record, normalize_image_bytes
+from molmo_fast.data.sources.download import ImageFetcher
+
+Convert = Callable[[dict[str, Any], "tuple[int, int] | None"], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class HFSource:
+    name: str
+    hub_id: str
+    convert: Convert
+    default_split: str = "train"
+    configs: tuple[str | None, ...] = (None,)  # several = concatenated (MMMU subjects, PixMo-Docs is one each)
+    image_column: str | None = "image"  # a datasets Image column (or a list of them: the first is used)
+    url_column: str | None = None  # ... or images downloaded from this column
+    sha_column: str | None = None
+    verify_ssl: bool = True
+    description: str = ""
+
+
+def _no_decode(feature):
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feature, datasets.List):
+        return datasets.List(_no_decode(feature.feature))
+    if isinstance(feature, dict):
+        return {k: _no_decode(v) for k, v in feature.items()}
+    return feature
+
+
+def load_rows(source: HFSource, split: str, input_path: str | None = None) -> datasets.Dataset:
+    """The source's rows, from the hub or (offline) a `save_to_disk` directory, a parquet file or a parquet folder."""
+    if input_path is None:
+        parts = [datasets.load_dataset(source.hub_id, config, split=split) for config in source.configs]
+        ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    else:
+        path = Path(input_path)
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            ds = datasets.load_from_disk(str(path))
+        elif (path / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(str(path))[split]
+        elif path.is_dir():
+            files = sorted(str(p) for p in path.rglob("*.parquet") if split in p.name) or \
+                sorted(str(p) for p in path.rglob("*.parquet"))
+            if not files:
+                raise FileNotFoundError(f"{path}: no saved dataset and no .parquet files")
+            ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        elif path.suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=[str(path)], split="train")
+        else:
+            raise FileNotFoundError(f"--input {path}: expected a save_to_disk directory, a .parquet file or a folder")
+    return with_raw_images(ds)
+
+
+def with_raw_images(ds: datasets.Dataset) -> datasets.Dataset:
+    """Image columns yield {'bytes', 'path'} instead of decoded PIL images: shards keep the original bytes."""
+    features = datasets.Features({k: _no_decode(v) for k, v in ds.features.items()})
+    return ds if features == ds.features else ds.cast(features)
+
+
+def _image_bytes(value: Any) -> bytes | None:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path") and os.path.isfile(value["path"]):
+            return Path(value["path"]).read_bytes()
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    raise TypeError(f"unsupported image value of type {type(value).__name__}")
+
+
+def as_list(value: Any) -> list:
+    """Columns stored as a Python-literal string (e.g. "['a', 'b']") or as a real list -> list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return [value]
+        return list(parsed) if isinstance(parsed, (list, tuple)) else [parsed]
+    return list(value)
+
+
+def xy_points(points: Any) -> list[list[float]]:
+    """`[{x, y}, ...]` or `{x: [...], y: [...]}` (both occur, depending on the datasets feature type) -> [[x, y]]."""
+    if not points:
+        return []
+    if isinstance(points, dict):
+        return [[float(x), float(y)] for x, y in zip(points["x"], points["y"])]
+    return [[float(p["x"]), float(p["y"])] for p in points]
+
+
+def iter_records(
+    source: HFSource,
+    rows: datasets.Dataset,
+    split: str,
+    fetcher: ImageFetcher | None = None,
+    limit: int | None = None,
+    workers: int = 8,
+    on_row: Callable[[], None] | None = None,
+    lost: dict[str, int] | None = None,
+) -> Iterator[Record]:
+    """Rows -> records, in row order; rows whose image is lost or unreadable are dropped and counted in `lost`."""
+    lost = {} if lost is None else lost
+    if source.url_column is not None and fetcher is None:
+        raise ValueError(f"source {source.name!r} downloads images from URLs and needs an ImageFetcher")
+    n = len(rows) if limit is None else min(limit, len(rows))
+
+    def load(i: int) -> tuple[int, dict[str, Any], bytes | None, str]:
+        row = rows[i]
+        if source.url_column is not None:
+            sha = row.get(source.sha_column) if source.sha_column else None
+            data = fetcher.get(row[source.url_column], sha)
+            return i, row, data, "" if data is not None else "download failed"
+        if source.image_column is None:
+            return i, row, None, ""
+        data = _image_bytes(row.get(source.image_column))
+        return i, row, data, "" if data is not None else "no image"
+
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        # bounded look-ahead keeps memory flat on million-row sets while downloads overlap
+        chunk = max(workers, 1) * 16
+        for start in range(0, n, chunk):
+            for i, row, data, problem in pool.map(load, range(start, min(start + chunk, n))):
+                if on_row is not None:
+                    on_row()
+                size = None
+                if data is not None:
+                    try:
+                        data, size = normalize_image_bytes(data)
+                    except Exception:
+                        data, problem = None, "unreadable image"
+                needs_image = source.url_column is not None or source.image_column is not None
+                if needs_image and data is None:
+                    lost[problem] = lost.get(problem, 0) + 1
+                    continue
+                for k, fields in enumerate(source.convert(row, size)):
+                    key = f"{source.name}_{split}_{i:09d}" + (f"_{k}" if k else "")
+                    metadata = {"dataset": source.name, "split": split, "row": i, **fields.pop("metadata", {})}
+                    example = {"id": key, "schema_version": SCHEMA_VERSION, **fields, "metadata": metadata}
+                    yield Record(example, data)
+

@@ -1,0 +1,62 @@
+"""`python -m molmo_fast.eval --checkpoint PATH --tasks chart_qa,doc_qa [--gin_file F] [--max_examples N] [--out DIR]`
+
+Gin files (e.g. gin/eval/synthetic.gin) bind `EvalConfig.*`; command-line flags win over them.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+import gin
+
+from molmo_fast.eval.runner import EvalConfig, run, summary_table
+from molmo_fast.eval.tasks import TASKS
+
+GIN_DIR = Path(__file__).resolve().parents[2] / "gin"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m molmo_fast.eval", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", help="HF checkpoint dir, or a training run dir (its latest checkpoint)")
+    p.add_argument("--tasks", help=f"comma-separated, or the suites 'paper' / 'synthetic'; one of {sorted(TASKS)}")
+    p.add_argument("--step", type=int, help="checkpoint step of a run dir (default: latest)")
+    p.add_argument("--gin_file", action="append", default=[])
+    p.add_argument("--gin_param", action="append", default=[])
+    p.add_argument("--max_examples", type=int)
+    p.add_argument("--out", help="output dir (default runs/eval)")
+    p.add_argument("--data_dir", help="root of the task shard sets (default data)")
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--num_workers", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--top_k", type=lambda s: [int(k) for k in s.split(",")], help="MoE top-k: K or K0,K1,...")
+    p.add_argument("--max_crops", type=int)
+    p.add_argument("--max_new_tokens", type=int)
+    p.add_argument("--loss", action="store_true", default=None, help="teacher-forced loss/accuracy instead")
+    p.add_argument("--fsdp", action="store_true", default=None, help="shard the model across torchrun ranks")
+    p.add_argument("--overwrite", action="store_true", default=None, help="discard earlier results in --out")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in vars(args).items() if k not in ("gin_file", "gin_param") and v is not None}
+    if isinstance(overrides.get("top_k"), list) and len(overrides["top_k"]) == 1:
+        overrides["top_k"] = overrides["top_k"][0]
+    gin.clear_config()  # main() may run more than once in a process (tests); gin state is global
+    gin.add_config_file_search_path(str(GIN_DIR))
+    gin.add_config_file_search_path(str(GIN_DIR.parent))
+    gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+    try:
+        cfg = EvalConfig(**overrides)
+    finally:
+        gin.clear_config()
+    results = run(cfg)
+    if results:
+        print(summary_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

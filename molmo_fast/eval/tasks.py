@@ -1,0 +1,200 @@
+"""The evaluation task registry: benchmark -> shard set, prompt style, generation length, metric, resolution.
+
+A task reads the shard set `{data_dir}/{source}/{split}` written by `python -m molmo_fast.data.build`. Each
+metric is a scorer `(raw_prediction, example) -> {name: score | None}`; None leaves the example out of that
+average (e.g. AI2D's opaque-box questions under the transparent-box setting). The task's `primary` entry is the
+number reported in the summary table and compared with `paper_score` (REFERENCE.md §5).
+"""
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from molmo_fast.eval import metrics as M
+
+Scorer = Callable[[str, dict[str, Any]], dict[str, float | None]]
+
+# Molmo's eval settings: low-res = the checkpoint's own max_crops and sequence length; high-res = 36 crops, 4096.
+HIGH_RES_MAX_CROPS = 36
+HIGH_RES_SEQ_LEN = 4096
+LOW_RES_SEQ_LEN = 1536
+
+
+def _answers(example: dict) -> list[str]:
+    answers = example.get("answers")
+    if answers is None:
+        answers = example.get("metadata", {}).get("answer", [])
+    return [answers] if isinstance(answers, str) else list(answers)
+
+
+def _vqa(pred: str, ex: dict) -> dict:
+    return {"vqa_score": M.vqa_score(M.clean_prediction(pred), _answers(ex))}
+
+
+def _a_okvqa_da(pred: str, ex: dict) -> dict:
+    return {"a_okvqa_score": M.a_okvqa_score(M.clean_prediction(pred), _answers(ex))}
+
+
+def _relaxed(pred: str, ex: dict) -> dict:
+    """ChartQA also reports its human-written and augmented halves when the shard marks them."""
+    pred = M.clean_prediction(pred)
+    score = M.relaxed_correctness(pred, _answers(ex))
+    out = {"relaxed_correctness": score, "em": M.exact_match(pred, _answers(ex))}
+    is_human = ex.get("metadata", {}).get("is_human")
+    if is_human is not None:
+        out.update(relaxed_correctness_human=score if is_human else None,
+                   relaxed_correctness_aug=None if is_human else score)
+    return out
+
+
+def _anls(pred: str, ex: dict) -> dict:
+    pred = M.clean_prediction(pred)
+    return {"anls": M.anls(pred, _answers(ex)), "em": M.exact_match(pred, _answers(ex))}
+
+
+def _mc(pred: str, ex: dict) -> dict:
+    return {"mc": M.multiple_choice(M.clean_prediction(pred), ex["options"], ex["answer_idx"])}
+
+
+def _mc_ai2d(pred: str, ex: dict) -> dict:
+    """AI2D as in the paper: letter-labelled diagrams count only in their transparent-box version."""
+    meta = ex.get("metadata", {})
+    score = M.multiple_choice(M.clean_prediction(pred), ex["options"], ex["answer_idx"])
+    skip = meta.get("abc_label", False) and not meta.get("has_transparent_box", False)
+    return {"mc_ai2d_transparent": None if skip else score, "mc": score}
+
+
+def _real_world_qa(pred: str, ex: dict) -> dict:
+    pred = M.clean_prediction(pred)
+    answer = _answers(ex)[0]
+    if "options" in ex:
+        return {"real_world_qa_score": M.multiple_choice(pred, ex["options"], ex["answer_idx"])}
+    if ex.get("metadata", {}).get("question_type") == "multiple_choice":
+        letters = ["A", "B", "C", "D"]
+        return {"real_world_qa_score": M.multiple_choice(pred, letters, letters.index(answer.strip().upper()))}
+    return {"real_world_qa_score": float(M.normalize_vqa_answer(pred) == M.normalize_vqa_answer(answer))}
+
+
+def _mmmu(pred: str, ex: dict) -> dict:
+    meta = ex.get("metadata", {})
+    options = ex.get("options", meta.get("options", []))
+    answers = _answers(ex)
+    if "answer_idx" in ex:
+        answers = [chr(ord("A") + ex["answer_idx"])]
+    question_type = meta.get("question_type", "multiple-choice" if options else "open")
+    return {"mmmu_score": M.mmmu_score(M.clean_prediction(pred), answers, question_type, options)}
+
+
+def _math_vista(pred: str, ex: dict) -> dict:
+    meta = ex.get("metadata", {})
+    choices = ex.get("options", meta.get("choices") or [])
+    answer = meta.get("answer", _answers(ex)[0] if _answers(ex) else "")
+    score = M.math_vista_score(pred.strip(), str(answer), meta.get("question_type", "free_form"),
+                               meta.get("answer_type", "text"), choices, meta.get("precision"))
+    return {"math_vista_score": score}
+
+
+def _count(pred: str, ex: dict) -> dict:
+    parsed, gold = M.parse_count(pred), int(ex["count"])
+    return {"correct": float(parsed == gold), "close": float(parsed is not None and abs(parsed - gold) <= 1),
+            "valid": float(parsed is not None)}
+
+
+def _pointing(pred: str, ex: dict) -> dict:
+    masks = ex.get("metadata", {}).get("masks")
+    return M.pointing_scores(pred.strip(), ex["points"], ex["image_size"], masks=masks)
+
+
+def _clock(pred: str, ex: dict) -> dict:
+    answer = _answers(ex)[0]
+    return {"exact": M.clock_accuracy(pred, answer), "close": M.clock_accuracy(pred, answer, tolerance_minutes=3)}
+
+
+SCORERS: dict[str, Scorer] = {
+    "vqa": _vqa, "a_okvqa_da": _a_okvqa_da, "relaxed_correctness": _relaxed, "anls": _anls, "mc": _mc,
+    "mc_ai2d": _mc_ai2d, "real_world_qa": _real_world_qa, "mmmu": _mmmu, "math_vista": _math_vista,
+    "count": _count, "pointing": _pointing, "clock": _clock,
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark. `style` None keeps each example's own style (tasks mixing MC and short answers)."""
+
+    name: str
+    source: str
+    split: str
+    metric: str
+    primary: str
+    style: str | None
+    max_new_tokens: int = 12
+    high_res: bool = True
+    paper_score: float | None = None
+    synthetic_size: int = 0  # > 0: the shard set is generated on demand with this many examples
+
+    def __post_init__(self):
+        if self.metric not in SCORERS:
+            raise ValueError(f"task {self.name!r}: metric {self.metric!r} is not one of {sorted(SCORERS)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name!r}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def max_crops(self) -> int | None:
+        """Crops for this task; None = the checkpoint's own preprocessor setting (Molmo's low-res)."""
+        return HIGH_RES_MAX_CROPS if self.high_res else None
+
+    @property
+    def sequence_length(self) -> int:
+        return HIGH_RES_SEQ_LEN if self.high_res else LOW_RES_SEQ_LEN
+
+    def score(self, prediction: str, example: dict[str, Any]) -> dict[str, float | None]:
+        return SCORERS[self.metric](prediction, example)
+
+
+_TASKS = [
+    # The eleven benchmarks of the paper (published MolmoE-1B scores, REFERENCE.md §5).
+    Task("ai2d", "ai2d", "test", "mc_ai2d", "mc_ai2d_transparent", "ai2_diagram", paper_score=86.4),
+    Task("chart_qa", "chart_qa", "test", "relaxed_correctness", "relaxed_correctness", "chart_qa", paper_score=78.0),
+    Task("vqa2", "vqa2", "validation", "vqa", "vqa_score", "vqa2", paper_score=83.9),
+    Task("doc_qa", "doc_qa", "validation", "anls", "anls", "doc_qa", paper_score=77.7),
+    Task("info_qa", "info_qa", "validation", "anls", "anls", "info_qa", paper_score=53.9),
+    Task("text_vqa", "text_vqa", "validation", "vqa", "vqa_score", "text_vqa", paper_score=78.8),
+    Task("real_world_qa", "real_world_qa", "test", "real_world_qa", "real_world_qa_score", None, paper_score=60.4),
+    Task("mmmu", "mmmu", "validation", "mmmu", "mmmu_score", None, paper_score=34.9),
+    Task("math_vista", "math_vista", "testmini", "math_vista", "math_vista_score", None, paper_score=34.0),
+    Task("countbench_qa", "countbench_qa", "test", "count", "correct", "point_count", max_new_tokens=192,
+         high_res=False, paper_score=87.2),
+    Task("pixmo_count", "pixmo_count", "test", "count", "correct", "point_count", max_new_tokens=192,
+         high_res=False, paper_score=79.6),
+    # Further academic and PixMo evaluations.
+    Task("okvqa", "okvqa", "validation", "vqa", "vqa_score", "okvqa"),
+    Task("a_okvqa_mc", "a_okvqa_mc", "validation", "mc", "mc", "a_okvqa_mc"),
+    Task("a_okvqa_da", "a_okvqa_da", "validation", "a_okvqa_da", "a_okvqa_score", "a_okvqa_da"),
+    Task("science_qa_img", "science_qa_img", "test", "mc", "mc", "science_qa"),
+    Task("pixmo_points_eval", "pixmo_points_eval", "test", "pointing", "f1", "pointing", max_new_tokens=192),
+    # Synthetic sets (no network): generated on first use; low-res so that a tiny demo model scores them.
+    Task("synthetic_counting", "synthetic_counting", "validation", "count", "correct", "point_count",
+         max_new_tokens=192, high_res=False, synthetic_size=256),
+    Task("synthetic_pointing", "synthetic_pointing", "validation", "pointing", "f1", "pointing",
+         max_new_tokens=192, high_res=False, synthetic_size=256),
+    Task("synthetic_clocks", "synthetic_clocks", "validation", "clock", "exact", "clocks", high_res=False,
+         synthetic_size=256),
+    Task("synthetic_charts", "synthetic_charts", "validation", "relaxed_correctness", "relaxed_correctness",
+         "chart_qa", high_res=False, synthetic_size=256),
+]
+TASKS: dict[str, Task] = {t.name: t for t in _TASKS}
+PAPER_TASKS = [t.name for t in _TASKS if t.paper_score is not None]
+SYNTHETIC_TASKS = [t.name for t in _TASKS if t.synthetic_size]
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise KeyError(f"unknown eval task {name!r}; expected one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def parse_tasks(spec: str | list[str]) -> list[Task]:
+    """'chart_qa,doc_qa' (or a list; 'paper' and 'synthetic' name the suites) -> tasks, in order, no repeats."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    suites = {"paper": PAPER_TASKS, "synthetic": SYNTHETIC_TASKS}
+    expanded = [n for name in names if name.strip() for n in suites.get(name.strip(), [name.strip()])]
+    return [get_task(n) for n in dict.fromkeys(expanded)]

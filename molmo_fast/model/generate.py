@@ -1,0 +1,54 @@
+"""Greedy generation with a KV cache (HF `generate` semantics for MolmoE).
+
+Prompts may be left- or right-padded with -1: positions come from the validity mask, the first new token is
+predicted from each row's last valid position, and images are only used at prefill. Rows that emitted EOS are
+padded with the pad id afterwards; generation stops early once every row has finished.
+"""
+
+import torch
+
+from molmo_fast.model.attention import KVCache
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, images: torch.Tensor | None = None,
+             image_masks: torch.Tensor | None = None, image_input_idx: torch.Tensor | None = None,
+             max_new_tokens: int | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
+             top_k=None, output_logits: bool = False):
+    """Returns ids [B, S + n] (n <= max_new_tokens), plus the per-step logits [B, n, V] with `output_logits`.
+
+    `eos_token_id` / `pad_token_id` / `max_new_tokens` default to `model.generation_config`; `top_k` is the MoE
+    top-k override of `MolmoE.forward`."""
+    gen_cfg = model.generation_config
+    eos = eos_token_id if eos_token_id is not None else gen_cfg.get("eos_token_id")
+    pad = pad_token_id if pad_token_id is not None else gen_cfg.get("pad_token_id", model.config.llm.pad_token_id)
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else gen_cfg.get("max_new_tokens", 20)
+    B, S = input_ids.shape
+    input_ids = input_ids.long()
+    valid = input_ids != -1
+    position_ids = (valid.cumsum(-1) - 1).clamp_min(0)
+    last = (valid * torch.arange(1, S + 1, device=valid.device)).argmax(-1, keepdim=True)  # last valid index
+    cache = KVCache(len(model.llm.blocks), capacity=S + max_new_tokens)
+    out = model(input_ids, images, image_masks, image_input_idx, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, top_k=top_k, logits_at=last)
+    logits = out.logits[:, -1]
+    next_pos = valid.sum(-1, keepdim=True)
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    new_tokens, step_logits = [], []
+    for step in range(max_new_tokens):
+        if output_logits:
+            step_logits.append(logits.float())
+        token = logits.argmax(-1)
+        if eos is not None:
+            token = token.masked_fill(finished, pad)
+            finished = finished | (token == eos)
+        new_tokens.append(token)
+        if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
+            break
+        out = model(token.unsqueeze(1), position_ids=next_pos, past_key_values=cache, use_cache=True, top_k=top_k)
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1]
+    ids = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1) if new_tokens else input_ids
+    if output_logits:
+        return ids, torch.stack(step_logits, dim=1) if step_logits else logits.new_zeros(B, 0, logits.shape[-1])
+    return ids

@@ -1,0 +1,137 @@
+"""Sharded, atomic training checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of a run directory:
+
+    RUN_DIR/checkpoints/step_N/        complete checkpoints only (a rename publishes them)
+        .metadata, __R_0.distcp        DCP: model + optimizer, resharded on load to any world size
+        rng_rank{R}.pt                 each rank's torch / numpy / python RNG states
+        train_state.json               step, tokens seen, data position (written last, before the rename)
+    RUN_DIR/checkpoints/.tmp_step_N/   a checkpoint being written; never read, removed on the next save
+
+The learning-rate schedule is a pure function of the step, so restoring the step restores it.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / "train_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """The checkpoint of `step`, or the latest one; a clear error when there is none."""
+    found = checkpoint_dirs(run_dir)
+    if step is not None:
+        found = [(s, p) for s, p in found if s == step]
+    if not found:
+        what = f"step {step}" if step is not None else "any step"
+        raise FileNotFoundError(f"no complete checkpoint for {what} under {Path(run_dir) / 'checkpoints'}")
+    return found[-1][1]
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    train_state: dict, keep_last: int) -> Path:
+    """Collective: every rank writes its shards into a temp dir that rank 0 renames once all are done."""
+    rank = dist.get_rank()
+    root = Path(run_dir) / "checkpoints"
+    tmp, final = root / f".tmp_step_{step}", root / f"step_{step}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        state_path = tmp / "train_state.json"
+        state_path.write_text(json.dumps({**train_state, "step": step, "world_size": dist.get_world_size()}))
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after resuming from it) replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for _, old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Collective: restores model (+ optimizer and this rank's RNG) from a checkpoint dir; returns train_state."""
+    path = Path(path)
+    if optimizer is None:
+        model_sd = get_model_state_dict(model)
+        state = {"model": model_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng = path / f"rng_rank{dist.get_rank()}.pt"
+        if rng.is_file():  # absent when resuming on more ranks than were saved: those ranks keep fresh seeds
+            _set_rng_state(torch.load(rng, weights_only=False))
+    return json.loads((path / "train_state.json").read_text())
+
+
+def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor]) -> None:
+    """Collective: loads a full (unsharded) state dict held by rank 0 into a sharded model."""
+    set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                  strict=True))
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the full state dict gathered on CPU (empty on ranks other than 0)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

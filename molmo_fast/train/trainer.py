@@ -1,0 +1,329 @@
+"""The training loop: run directory -> model (init or resume) -> FSDP2 -> data -> steps -> checkpoints -> export.
+
+One optimizer step = `grad_accum` micro-batches per rank. The loss is Molmo's: summed masked cross-entropy over
+all micro-batches of the step, divided by the global number of loss tokens / world size (all-reduced before the
+first forward), so averaging gradients over ranks gives the exact per-token mean of the global batch whatever the
+world size or accumulation split. The LM z-loss and the MoE aux losses use the same divisor.
+"""
+
+import datetime
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from molmo_fast.train import checkpoint as ckpt
+from molmo_fast.train.config import Config
+from molmo_fast.train.data import TrainData, build_mixture, to_device, write_preprocessor_dir
+from molmo_fast.train.metrics import MetricsLogger, Throughput, peak_flops, train_flops_per_token
+from molmo_fast.train.optim import build_optimizer, clip_grad_norms, set_learning_rates
+from molmo_fast.train.parallelize import parallelize
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Env:
+    """Joins the torchrun group, or makes a one-process group so single-process runs take the same code path."""
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
+                                    timeout=datetime.timedelta(minutes=30))
+        else:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Env(dist.get_rank(), dist.get_world_size(), device)
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def prepare_run_dir(cfg: Config, env: Env, resuming: bool) -> Path:
+    """Never overwrites a run: an existing non-empty run dir is an error unless resuming.
+
+    The run dir describes itself: config.gin (every binding), operative_config.gin (after the first step),
+    git_revision.txt, model_config.json (HF format) and preprocessor/ (the exact preprocessing files)."""
+    run_dir = Path(cfg.train.run_dir)
+    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    if exists and not resuming:
+        raise SystemExit(f"molmo_fast.train: run directory {run_dir} already exists; pass --resume latest to "
+                         f"continue it or choose another TrainConfig.run_dir")
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.gin").exists():
+            (run_dir / "config.gin").write_text(cfg.gin_config)
+        (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
+        if not resuming:
+            cfg.model.build_config().to_hf_json(run_dir / "model_config.json")
+            write_preprocessor_dir(cfg.data, run_dir / "preprocessor")
+    dist.barrier()
+    return run_dir
+
+
+def build_model(cfg: Config, env: Env) -> nn.Module:
+    """Rank 0 materialises the initial weights on CPU (HF checkpoint or fresh init); the others build on meta and
+    receive their shards by broadcast, so the initial model is identical whatever the world size."""
+    from molmo_fast.config import MolmoEConfig
+    from molmo_fast.model.molmoe import MolmoE
+
+    mcfg = MolmoEConfig.from_hf_json(Path(cfg.train.run_dir) / "model_config.json")
+    mcfg.moe.impl = cfg.model.moe_impl
+    mcfg.moe.load_balancing_weight = cfg.train.moe_lb_weight
+    mcfg.moe.z_loss_weight = cfg.train.moe_zloss_weight
+    if env.is_main:
+        if cfg.model.init_from:
+            model = MolmoE.from_pretrained(cfg.model.init_from, dtype=torch.float32, device="cpu")
+            model.config.moe.load_balancing_weight = mcfg.moe.load_balancing_weight
+            model.config.moe.z_loss_weight = mcfg.moe.z_loss_weight
+        else:
+            model = MolmoE(mcfg)
+            model.init_weights(cfg.model.init_seed)
+        if cfg.model.llm_from or cfg.model.vit_from:
+            from molmo_fast.train.init_parts import load_parts
+
+            load_parts(model, llm_from=cfg.model.llm_from, vit_from=cfg.model.vit_from)
+        full_sd = model.state_dict()
+    else:
+        model = MolmoE.from_config_on_meta(mcfg)
+        full_sd = {}
+    parallelize(model, env.device, bf16=cfg.train.bf16, activation_checkpointing=cfg.train.activation_checkpointing,
+                compile_blocks=cfg.train.compile)
+    if env.is_main:
+        model.to(env.device)
+    else:
+        model.to_empty(device=env.device)
+    ckpt.load_full_state_dict(model, full_sd)
+    model.reset_runtime_buffers()
+    return model.train()
+
+
+class LossPositionHead:
+    """Makes the LM head run on the loss positions only, through a forward pre-hook on `lm_head`.
+
+    Every loss term is masked to those positions, and in Molmo's data they are a small fraction of the sequence
+    (answers, not images or prompts), so this skips most of the largest matmul and of the [tokens, vocab] logits
+    memory. The model then returns logits of shape [n_positions, vocab]; parameter names are untouched.
+    """
+
+    def __init__(self, lm_head: nn.Module):
+        self.index: torch.Tensor | None = None
+        lm_head.register_forward_pre_hook(self._select)
+
+    def _select(self, module: nn.Module, args: tuple):
+        if self.index is None:
+            return None
+        return (args[0].flatten(0, -2).index_select(0, self.index),) + args[1:]
+
+
+def micro_batch_loss(model: nn.Module, head: LossPositionHead, batch: dict, divisor: torch.Tensor, cfg: Config,
+                     n_micro: int, want_router: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list | None]:
+    """Loss of one micro-batch (already divided by the global divisor) and its detached parts."""
+    labels = batch["labels"].flatten()
+    mask = batch["loss_masks"].flatten().clamp_min(0) * (labels >= 0)
+    head.index = mask.nonzero().squeeze(1)
+    labels, mask = labels[head.index], mask[head.index]
+    try:
+        out = model(input_ids=batch["input_ids"], images=batch.get("images"), image_masks=batch.get("image_masks"),
+                    image_input_idx=batch.get("image_input_idx"), position_ids=batch.get("position_ids"),
+                    subsegment_ids=batch.get("subsegment_ids"), output_router_logits=want_router)
+    finally:
+        head.index = None
+    logits = out.logits.float()  # [n_positions, vocab]
+    lm_loss = (F.cross_entropy(logits, labels, reduction="none") * mask).sum() / divisor
+    z_loss = (torch.logsumexp(logits, dim=-1).pow(2) * mask).sum() / divisor
+    loss = lm_loss + cfg.train.lm_zloss_weight * z_loss
+    moe_aux = getattr(out, "aux_loss", None)
+    if moe_aux is not None:
+        # Per micro-batch means, averaged over the micro-batches of the step (as Molmo does).
+        loss = loss + moe_aux / n_micro
+    parts = {"lm_loss": lm_loss.detach(), "zloss": z_loss.detach(),
+             "correct": ((logits.argmax(-1) == labels).float() * mask).sum().detach() / divisor}
+    if moe_aux is not None:
+        parts["moe_aux_loss"] = moe_aux.detach() / n_micro
+    return loss, parts, getattr(out, "router_logits", None)
+
+
+@torch.no_grad()
+def router_stats(router_logits: list[torch.Tensor], batch: dict, top_k: int) -> dict[str, float]:
+    """Expert-load balance of a micro-batch: LB loss, router z-loss and the spread of per-expert load."""
+    from molmo_fast.model.moe import expert_load, load_balancing_loss, route, router_z_loss
+
+    valid_T = (batch["input_ids"] != -1).flatten()
+    lb, rz, cv, max_frac = [], [], [], []
+    for logits_TE in router_logits:
+        idx_TK, _ = route(logits_TE, top_k, top_k)
+        lb.append(load_balancing_loss(logits_TE, idx_TK, valid_T))
+        rz.append(router_z_loss(logits_TE, valid_T))
+        load_E = expert_load(idx_TK.masked_fill(~valid_T.unsqueeze(-1), -1), logits_TE.shape[-1]).float()
+        frac_E = load_E / load_E.sum().clamp_min(1)
+        cv.append(frac_E.std() / frac_E.mean().clamp_min(1e-9))
+        max_frac.append(frac_E.max())
+    mean = lambda xs: float(torch.stack(xs).mean())  # noqa: E731
+    return {"moe/lb_loss": mean(lb), "moe/router_zloss": mean(rz), "moe/expert_load_cv": mean(cv),
+            "moe/max_expert_frac": mean(max_frac)}
+
+
+def train(cfg: Config, resume: str | None = None) -> dict:
+    """Runs (or resumes) a training job; returns the final step's metrics. `resume`: "latest" or a checkpoint dir."""
+    env = init_distributed()
+    torch.manual_seed(cfg.train.seed)
+    resume_path = None
+    if resume:
+        resume_path = ckpt.find_checkpoint(cfg.train.run_dir) if resume == "latest" else Path(resume)
+    run_dir = prepare_run_dir(cfg, env, resuming=resume is not None)
+    grad_accum = cfg.train.grad_accum_steps(env.world_size)
+
+    model = build_model(cfg, env)
+    head = LossPositionHead(model.llm.lm_head)
+    optimizer, by_group = build_optimizer(model, cfg.optim)
+    start_step, state = 0, {}
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(resume_path, model, optimizer)
+        start_step = state["step"]
+    else:
+        torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank; the weights were broadcast
+    if env.is_main:  # generate missing synthetic shard sets once, before every rank opens them
+        build_mixture(cfg.data)
+    dist.barrier()
+    data = TrainData(cfg.data, run_dir / "preprocessor", env.rank, env.world_size, cfg.train.micro_batch_size,
+                     grad_accum, start_step)
+
+    mcfg = model.config
+    n_active = model.num_parameters(active=True)
+    flops_per_token = train_flops_per_token(n_active, mcfg.llm.n_layers, mcfg.llm.d_model,
+                                            cfg.data.sequence_length)
+    peak = peak_flops(env.device, cfg.train.peak_flops)
+    logger = MetricsLogger(run_dir, env.is_main, purge_step=start_step + 1 if resume_path else None)
+    if env.is_main and start_step == 0:
+        logger.text("config", cfg.gin_config.replace("\n", "  \n"))
+        print(f"molmo_fast.train: {env.world_size} rank(s), global batch {cfg.train.global_batch_size} = "
+              f"{cfg.train.micro_batch_size} x {grad_accum} accum x {env.world_size}, {cfg.train.max_steps} steps, "
+              f"{n_active / 1e6:.1f}M active params, run dir {run_dir}", flush=True)
+    progress = None
+    if env.is_main and cfg.train.progress_bar:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    tokens_seen = state.get("tokens_seen", 0)
+    meter = Throughput()
+    metrics: dict[str, float] = {}
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
+        log_now = step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.max_steps
+        t0 = time.perf_counter()
+        micro_batches = [to_device(b, env.device) for b in data.next_step()]
+        meter.data_wait += time.perf_counter() - t0
+
+        loss_tokens = sum((b["loss_masks"].clamp_min(0) * (b["labels"] >= 0)).sum() for b in micro_batches)
+        loss_tokens = loss_tokens.float()
+        dist.all_reduce(loss_tokens)
+        divisor = (loss_tokens / env.world_size).clamp_min(1.0)
+
+        lrs = set_learning_rates(optimizer, step, cfg.train.max_steps, cfg.optim.final_lr_ratio)
+        totals: dict[str, torch.Tensor] = {}
+        moe = None
+        for i, batch in enumerate(micro_batches):
+            want_router = log_now and i == 0
+            loss, parts, router_logits = micro_batch_loss(model, head, batch, divisor, cfg, len(micro_batches),
+                                                          want_router)
+            loss.backward()
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0) + v
+            if want_router and router_logits:
+                moe = router_stats(router_logits, batch, mcfg.moe.top_k)
+        totals["loss"] = totals["lm_loss"] + cfg.train.lm_zloss_weight * totals["zloss"] + totals.get(
+            "moe_aux_loss", 0)
+        names = sorted(totals)
+        reduced = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=env.device) for k in names])
+        dist.all_reduce(reduced)
+        reduced = dict(zip(names, (reduced / env.world_size).tolist()))
+
+        norms = clip_grad_norms(by_group, cfg.optim.max_grad_norm)
+        norm_values = {k: float(v) for k, v in norms.items()}
+        bad = [k for k, v in {"loss": reduced["loss"], **norm_values}.items() if not torch.isfinite(torch.tensor(v))]
+        if bad:
+            last = ckpt.checkpoint_dirs(run_dir)
+            keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+            logger.close()
+            raise TrainingDiverged(f"step {step}: non-finite {', '.join(bad)} (loss={reduced['loss']}, grad norms="
+                                   f"{norm_values}); stopped before the optimizer step, {keep}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step_tokens = sum(b["input_ids"].numel() for b in micro_batches) * env.world_size
+        tokens_seen += step_tokens
+        meter.tokens += step_tokens
+        meter.steps += 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{reduced['loss']:.4f}")
+        if log_now:
+            window = meter.window()
+            metrics = {"train/loss": reduced["loss"], "train/lm_loss": reduced["lm_loss"],
+                       "train/zloss": reduced["zloss"], "train/accuracy": reduced["correct"],
+                       "train/moe_aux_loss": reduced.get("moe_aux_loss", 0.0),
+                       "train/loss_tokens": float(loss_tokens), "train/tokens_seen": float(tokens_seen),
+                       "perf/tokens_per_s": window["tokens_per_s"],
+                       "perf/tokens_per_s_per_device": window["tokens_per_s"] / env.world_size,
+                       "perf/data_wait_pct": window["data_wait_pct"],
+                       "perf/step_time_s": window["elapsed_s"] / max(window["steps"], 1)}
+            metrics.update({f"optim/grad_norm/{k}": v for k, v in norm_values.items()})
+            metrics.update({f"optim/lr/{k}": v for k, v in lrs.items()})
+            if peak:
+                metrics["perf/mfu_pct"] = 100 * flops_per_token * window["tokens_per_s"] / (peak * env.world_size)
+            if env.device.type == "cuda":
+                metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                metrics["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+            if moe:
+                metrics.update(moe)
+            metrics.update(data.stats())
+            logger.log(step, metrics)
+            meter.reset()
+        if step == start_step + 1 and env.is_main and not (run_dir / "operative_config.gin").exists():
+            import gin
+
+            (run_dir / "operative_config.gin").write_text(gin.operative_config_str())
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+            ckpt.save_checkpoint(run_dir, step, model, optimizer, {"tokens_seen": tokens_seen},
+                                 cfg.train.keep_last)
+    if progress is not None:
+        progress.close()
+    logger.close()
+    data.close()
+    if cfg.train.export_hf_at_end and start_step < cfg.train.max_steps:
+        from molmo_fast.export import export_sharded_model
+
+        export_sharded_model(model, run_dir, run_dir / "hf", env.is_main)
+        dist.barrier()
+    return metrics

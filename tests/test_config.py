@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from molmo_fast.config import ASSETS, MolmoEConfig
+
+REAL = ASSETS / "molmoe-1b" / "config.json"
+
+
+def test_real_config_numbers():
+    cfg = MolmoEConfig.from_hf_json(REAL)
+    assert (cfg.llm.d_model, cfg.llm.n_layers, cfg.llm.n_heads, cfg.llm.n_kv_heads) == (2048, 16, 16, 16)
+    assert cfg.llm.head_dim == 128
+    assert (cfg.llm.vocab_size, cfg.llm.embedding_size, cfg.llm.additional_vocab_size) == (50280, 50304, 128)
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.hidden_size) == (64, 8, 1024)
+    assert (cfg.moe.load_balancing_weight, cfg.moe.z_loss_weight, cfg.moe.normalize_weights) == (0.0, 0.0, False)
+    assert cfg.vision.num_layers == 23 and cfg.vision.emb_dim == 1024 and cfg.vision.patch_grid == (24, 24)
+    assert cfg.connector.vit_layers == (-2, -9) and cfg.connector.max_crops == 12
+    assert cfg.llm.rope_theta == 10000.0 and cfg.llm.norm_eps == 1e-5
+
+
+@pytest.mark.parametrize("path", [REAL, "golden"])
+def test_round_trip_is_exact(path, golden_dir, tmp_path):
+    path = golden_dir / "tiny_model" / "config.json" if path == "golden" else path
+    cfg = MolmoEConfig.from_hf_json(path)
+    cfg.to_hf_json(tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(path.read_text())
+    assert MolmoEConfig.from_hf_json(tmp_path) == cfg
+
+
+def test_presets(golden_dir):
+    assert MolmoEConfig.from_name("molmoe-1b") == MolmoEConfig.from_hf_json(REAL)
+    tiny = MolmoEConfig.from_name("tiny")
+    golden = MolmoEConfig.from_hf_json(golden_dir / "tiny_model" / "config.json")
+    for part in ("vision", "connector", "llm", "moe"):
+        assert getattr(tiny, part) == getattr(golden, part)
+    with pytest.raises(ValueError, match="unknown preset"):
+        MolmoEConfig.from_name("molmoe-7b")
+
+
+def test_gqa_and_edits_round_trip(tmp_path):
+    d = json.loads(REAL.read_text())
+    d["n_kv_heads"] = 4
+    cfg = MolmoEConfig.from_hf_dict(d)
+    assert cfg.llm.n_kv_heads == 4
+    cfg.moe.top_k = 4
+    cfg.to_hf_json(tmp_path / "config.json")
+    again = MolmoEConfig.from_hf_json(tmp_path / "config.json")
+    assert again.llm.n_kv_heads == 4 and again.moe.top_k == 4
+
+
+def _write(tmp_path, **edits):
+    d = json.loads(REAL.read_text())
+    for key, value in edits.items():
+        if value is KeyError:
+            del d[key]
+        else:
+            d[key] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+@pytest.mark.parametrize("edits, needles", [
+    (dict(d_model=KeyError), ["'d_model'", "missing"]),
+    (dict(d_model="big"), ["'d_model'", "'big'", "int"]),
+    (dict(n_layers=0), ["'n_layers'", "0", "positive"]),
+    (dict(layer_norm_type="default"), ["'layer_norm_type'", "'default'", "'rms'"]),
+    (dict(rope_impl="cockatoo"), ["'rope_impl'", "'cockatoo'", "'llama'"]),
+    (dict(n_kv_heads=3), ["'n_kv_heads'", "3", "divisor"]),
+    (dict(moe_top_k=65), ["'moe_top_k'", "65", "moe_num_experts"]),
+    (dict(vit_layers=[-2, -30]), ["'vit_layers'", "-30"]),
+    (dict(weight_tying=True), ["'weight_tying'", "True", "False"]),
+])
+def test_bad_fields_name_field_file_value(tmp_path, edits, needles):
+    path = _write(tmp_path, **edits)
+    with pytest.raises(ValueError) as err:
+        MolmoEConfig.from_hf_json(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    for needle in needles:
+        assert needle in msg
+
+
+def test_bad_vision_field(tmp_path):
+    d = json.loads(REAL.read_text())
+    d["vision_backbone"]["image_mlp_activations"] = "gelu"
+    with pytest.raises(ValueError, match=r"vision_backbone\.image_mlp_activations.*'gelu'.*'quick_gelu'"):
+        MolmoEConfig.from_hf_dict(d, source="x.json")

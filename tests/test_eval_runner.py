@@ -1,0 +1,201 @@
+"""The eval runner end to end on CPU: a tiny MolmoE (the golden tiny config with the real tokenizer's vocabulary,
+since the golden tiny weights only cover a 1000-token vocab) on synthetic shards."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from molmo_fast.config import MolmoEConfig
+from molmo_fast.data.formatter import count_to_text, points_to_text
+from molmo_fast.data.sources.synthetic import make_example
+from molmo_fast.eval import runner
+from molmo_fast.eval.__main__ import main
+from molmo_fast.eval.tasks import get_task
+from molmo_fast.model.molmoe import MolmoE
+
+SYNTHETIC = ["synthetic_counting", "synthetic_pointing", "synthetic_clocks", "synthetic_charts"]
+N = 6  # with batch 4: one full batch and one padded batch
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, golden_dir) -> Path:
+    out = tmp_path_factory.mktemp("ckpt")
+    config = json.loads((golden_dir / "tiny_model" / "config.json").read_text())
+    config.update(vocab_size=50280, embedding_size=50304)  # room for the shipped tokenizer's ids
+    (out / "config.json").write_text(json.dumps(config))
+    MolmoE(MolmoEConfig.from_hf_json(out / "config.json")).init_weights(0).save_pretrained(out)
+    shutil.copy(golden_dir / "tiny_model" / "preprocessor_config.json", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def _cfg(checkpoint, data_dir, out, **kw) -> runner.EvalConfig:
+    kw = {"tasks": "synthetic_charts", "max_examples": N, "batch_size": 4, "max_new_tokens": 4, **kw}
+    return runner.EvalConfig(checkpoint=str(checkpoint), data_dir=str(data_dir), out=str(out), **kw)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cli_end_to_end_writes_every_output(checkpoint, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    results = main(["--checkpoint", str(checkpoint), "--tasks", "synthetic", "--max_examples", str(N),
+                    "--batch_size", "4", "--max_new_tokens", "3", "--top_k", "1", "--out", str(out),
+                    "--data_dir", str(data_dir)])
+    table = capsys.readouterr().out
+    assert [r["task"] for r in results] == SYNTHETIC
+    for r in results:
+        task_dir = out / r["task"]
+        rows = _rows(task_dir / "predictions.jsonl")
+        assert len(rows) == N and len({row["id"] for row in rows}) == N  # padding rows dropped, no repeats
+        assert set(rows[0]) == {"id", "prompt", "prediction", "answers", "score"}
+        assert "Assistant:" in rows[0]["prompt"]
+        metrics = json.loads((task_dir / "metrics.json").read_text())
+        assert metrics["n"] == N and 0.0 <= metrics["score"] <= 1.0
+        assert metrics["score"] == pytest.approx(sum(row["score"][r["primary"]] for row in rows) / N)
+        model = metrics["settings"]["model"]
+        assert model["moe_top_k"] == [1, 1] and model["dtype"] == "float32" and model["max_new_tokens"] == 3
+        assert metrics["settings"]["max_crops"] == model["max_crops"] == 4  # low-res: the checkpoint's crops
+        assert r["task"] in table
+    assert set(json.loads((out / "metrics.json").read_text())) == set(SYNTHETIC)
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_ranks_score_every_example_exactly_once(checkpoint, data_dir, tmp_path):
+    cfg = _cfg(checkpoint, data_dir, tmp_path, max_examples=7, batch_size=2)
+    model, pre, _ = runner.load_model(cfg, torch.device("cpu"))
+    task = get_task("synthetic_charts")
+    shard_dir = runner._shard_dir(task, cfg, 0, 1)
+    task_dir = tmp_path / task.name
+    task_dir.mkdir()
+    for rank in range(3):
+        runner.generate_task(task, model, pre, cfg, shard_dir, task_dir, rank, 3, torch.device("cpu"))
+    per_rank = [len(_rows(f)) for f in sorted(task_dir.glob("predictions.rank*.jsonl"))]
+    assert per_rank == [3, 3, 1]
+    result = runner.finalize_task(task, task_dir, {}, 0.0)
+    ids = [row["id"] for row in _rows(task_dir / "predictions.jsonl")]
+    assert result["n"] == 7 and ids == sorted(set(ids)) and len(ids) == 7
+    assert not list(task_dir.glob("predictions.rank*.jsonl"))
+
+
+def test_resume_generates_only_missing_examples(checkpoint, data_dir, tmp_path, monkeypatch):
+    cfg = _cfg(checkpoint, data_dir, tmp_path)
+    full = _rows(tmp_path / "synthetic_charts" / "predictions.jsonl") if runner.run(cfg) else None
+    pred_file = tmp_path / "synthetic_charts" / "predictions.jsonl"
+    pred_file.write_text("".join(json.dumps(r) + "\n" for r in full[:4]) + '{"id": "cut sh')  # killed mid-write
+    generated = []
+    original = MolmoE.generate
+
+    def counting_generate(self, input_ids, *args, **kwargs):
+        generated.append(input_ids.shape[0])
+        return original(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(MolmoE, "generate", counting_generate)
+    result = runner.run(cfg)[0]
+    assert generated == [4]  # the first batch was complete and skipped; the second (2 real + 2 pad) ran
+    assert _rows(pred_file) == full
+    assert result["n"] == N
+
+
+def test_changed_settings_are_refused(checkpoint, data_dir, tmp_path):
+    runner.run(_cfg(checkpoint, data_dir, tmp_path))
+    with pytest.raises(ValueError, match="other settings"):
+        runner.run(_cfg(checkpoint, data_dir, tmp_path, top_k=1))
+    assert runner.run(_cfg(checkpoint, data_dir, tmp_path, top_k=1, overwrite=True))[0]["n"] == N
+
+
+def _gold_text(name: str, index: int) -> str:
+    ex = make_example(name, index, 0, "validation").example
+    size = [224, 224]
+    if name == "synthetic_counting":
+        return count_to_text(ex["points"], ex["label"], size, ex["count"])
+    if name == "synthetic_pointing":
+        return points_to_text(ex["points"], ex["label"], size)
+    return ex["answers"][0]
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_oracle_outputs_score_one(checkpoint, data_dir, tmp_path, name):
+    """A model that answers exactly in Molmo's output format gets full marks: parsing and scoring agree with the
+    formatter, and rows are matched with their own examples."""
+    cfg = _cfg(checkpoint, data_dir, tmp_path, tasks=name)
+    model, pre, _ = runner.load_model(cfg, torch.device("cpu"))
+    golds = iter([_gold_text(name, i) for i in range(N)])
+
+    def oracle(input_ids, *args, **kwargs):
+        rows = [pre.tokenizer.encode(" " + next(golds, "")) + [pre.tokenizer.eos_id] for _ in range(len(input_ids))]
+        width = max(map(len, rows))
+        new = torch.tensor([r + [1] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+    model.generate = oracle
+    task = get_task(name)
+    task_dir = tmp_path / name
+    task_dir.mkdir()
+    runner.generate_task(task, model, pre, cfg, runner._shard_dir(task, cfg, 0, 1), task_dir, 0, 1,
+                         torch.device("cpu"))
+    result = runner.finalize_task(task, task_dir, {}, 0.0)
+    assert result["score"] == 1.0, _rows(task_dir / "predictions.jsonl")
+
+
+def test_loss_mode_matches_a_direct_forward(checkpoint, data_dir, tmp_path):
+    result = runner.run(_cfg(checkpoint, data_dir, tmp_path, max_examples=1, loss=True))[0]
+    model, pre, _ = runner.load_model(_cfg(checkpoint, data_dir, tmp_path), torch.device("cpu"))
+    record = make_example("synthetic_charts", 0, 0, "validation")
+    from molmo_fast.data.shards import decode_sample, encode_record
+
+    arrays = pre(decode_sample(encode_record(record)))
+    logits = model(torch.from_numpy(arrays["input_tokens"])[None], torch.from_numpy(arrays["images"])[None],
+                   torch.from_numpy(arrays["image_masks"])[None],
+                   torch.from_numpy(arrays["image_input_idx"])[None].long()).logits[0]
+    mask = torch.from_numpy(arrays["loss_masks"]) > 0
+    labels = torch.from_numpy(arrays["target_tokens"])[mask]
+    expected = torch.nn.functional.cross_entropy(logits[mask], labels).item()
+    assert result["metrics"]["loss"] == pytest.approx(expected, rel=1e-4)
+    assert result["metrics"]["tokens"] == mask.sum().item() and 0.0 <= result["metrics"]["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "synthetic_charts_loss" / "metrics.json").read_text())["score"] == result["score"]
+
+
+def test_resolve_checkpoint(checkpoint, tmp_path):
+    assert runner.resolve_checkpoint(checkpoint) == checkpoint
+    with pytest.raises(ValueError, match="--step"):
+        runner.resolve_checkpoint(checkpoint, step=3)
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpoint, run_dir / "hf")
+    assert runner.resolve_checkpoint(run_dir) == run_dir / "hf"
+    with pytest.raises(FileNotFoundError, match="run directory"):
+        runner.resolve_checkpoint(tmp_path / "nothing")
+
+
+def test_resolve_checkpoint_exports_a_run_step(checkpoint, tmp_path):
+    """A training run dir (DCP checkpoints/step_N + model_config.json + preprocessor/) is exported once per step."""
+    import torch.distributed.checkpoint as dcp
+
+    run_dir = tmp_path / "run"
+    model = MolmoE.from_pretrained(checkpoint)
+    for step, scale in ((5, 1.0), (10, 2.0)):
+        step_dir = run_dir / "checkpoints" / f"step_{step}"
+        state = {k: v * scale if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        dcp.save({"model": state}, checkpoint_id=str(step_dir))
+        (step_dir / "train_state.json").write_text(json.dumps({"step": step}))
+    shutil.copy(checkpoint / "config.json", run_dir / "model_config.json")
+    (run_dir / "preprocessor").mkdir()
+    shutil.copy(checkpoint / "preprocessor_config.json", run_dir / "preprocessor")
+    latest = runner.resolve_checkpoint(run_dir)
+    assert latest == run_dir / "checkpoints" / "step_10" / "hf"
+    first = runner.resolve_checkpoint(run_dir, step=5)
+    w = "llm.lm_head.weight"
+    reference = model.state_dict()[w]
+    assert torch.equal(MolmoE.from_pretrained(first).state_dict()[w], reference)
+    assert torch.equal(MolmoE.from_pretrained(latest).state_dict()[w], 2 * reference)
+    assert runner._checkpoint_step(first) == 5
+    with pytest.raises(FileNotFoundError, match="step 7"):
+        runner.resolve_checkpoint(run_dir, step=7)

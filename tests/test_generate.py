@@ -1,0 +1,131 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from molmo_fast import generate as generate_cli
+from molmo_fast.model.molmoe import MolmoE
+
+
+@pytest.fixture(scope="module")
+def model(golden_dir):
+    return MolmoE.from_pretrained(golden_dir / "tiny_model")
+
+
+@pytest.fixture(scope="module")
+def cases(golden_dir):
+    return load_file(golden_dir / "cases.safetensors")
+
+
+def image_inputs(cases, case):
+    return [cases[f"{case}.{k}"][None] for k in ("images", "image_masks", "image_input_idx")]
+
+
+def test_golden_generation(model, cases, golden_dir):
+    meta = json.loads((golden_dir / "cases.json").read_text())["generation"]
+    prompt = cases["generation.input_ids"][None]
+    ids, step_logits = model.generate(prompt, *image_inputs(cases, meta["prompt_case"]),
+                                      max_new_tokens=meta["max_new_tokens"], eos_token_id=meta["eos_token_id"],
+                                      output_logits=True)
+    assert ids.shape == (1, prompt.shape[1] + meta["max_new_tokens"])
+    assert torch.equal(ids[0, : prompt.shape[1]], prompt[0])
+    assert torch.equal(ids[0, prompt.shape[1]:], cases["generation.new_tokens"])
+    torch.testing.assert_close(step_logits[0], cases["generation.step_logits"], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def full_recompute_greedy(model, ids, images, masks, idx, n):
+    for _ in range(n):
+        logits = model(ids, images, masks, idx).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_kv_cache_equals_full_recompute(model, cases):
+    prompt = cases["two_images.input_ids"][None]
+    images = image_inputs(cases, "two_images")
+    cached = model.generate(prompt, *images, max_new_tokens=10)
+    assert torch.equal(cached, full_recompute_greedy(model, prompt, *images, 10))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batch_of_different_lengths_equals_single(model, cases, side):
+    rows = [("single_image", cases["single_image.input_ids"]), ("single_image_b", cases["single_image_b.input_ids"])]
+    S = max(len(r) for _, r in rows)
+    ids = torch.full((2, S), -1, dtype=torch.int64)
+    N = max(cases[f"{c}.images"].shape[0] for c, _ in rows)
+    images = torch.full((2, N, *cases["single_image.images"].shape[1:]), -1.0)
+    masks = torch.full((2, N, cases["single_image.image_masks"].shape[1]), -1.0)
+    idx = torch.full((2, N, cases["single_image.image_input_idx"].shape[1]), -1, dtype=torch.int32)
+    for b, (case, row) in enumerate(rows):
+        pad = S - len(row) if side == "left" else 0
+        ids[b, pad: pad + len(row)] = row
+        n = cases[f"{case}.images"].shape[0]
+        images[b, :n], masks[b, :n] = cases[f"{case}.images"], cases[f"{case}.image_masks"]
+        row_idx = cases[f"{case}.image_input_idx"]
+        idx[b, :n] = torch.where(row_idx >= 0, row_idx + pad, row_idx)
+    batched = model.generate(ids, images, masks, idx, max_new_tokens=6)
+    for b, (case, row) in enumerate(rows):
+        alone = model.generate(row[None], *image_inputs(cases, case), max_new_tokens=6)
+        assert torch.equal(batched[b, S:], alone[0, len(row):])
+
+
+def test_eos_stops_rows_and_pads(model, cases):
+    prompts = torch.stack([cases["text_only.input_ids"], cases["text_only.input_ids"].flip(0)])
+    free = model.generate(prompts, max_new_tokens=8)
+    eos = int(free[0, prompts.shape[1] + 1])  # row 0 emits this as its 2nd new token
+    pad = model.generation_config["pad_token_id"]
+    out = model.generate(prompts, max_new_tokens=8, eos_token_id=eos)
+    new0 = out[0, prompts.shape[1]:]
+    assert new0[1] == eos and (new0[2:] == pad).all()
+    row1 = free[1, prompts.shape[1]:]
+    hits = (row1 == eos).nonzero()
+    stop = int(hits[0]) + 1 if len(hits) else len(row1)
+    assert torch.equal(out[1, prompts.shape[1]: prompts.shape[1] + stop], row1[:stop])
+    # Both rows finished -> generation stops early, like HF generate.
+    both = model.generate(prompts[:1], max_new_tokens=8, eos_token_id=eos)
+    assert both.shape[1] == prompts.shape[1] + 2
+
+
+def test_cli_answers(golden_dir, capsys):
+    answer = generate_cli.main(["--checkpoint", str(golden_dir / "tiny_model"), "--image",
+                                str(golden_dir / "images" / "tiny_single_image_0_60x100.png"),
+                                "--prompt", "What is this?", "--max_new_tokens", "5", "--top_k", "1"])
+    assert isinstance(answer, str) and answer
+    assert capsys.readouterr().out.strip() == answer
+
+
+def test_gqa_model_kv_cache(tmp_path):
+    from molmo_fast.config import MolmoEConfig
+
+    d = MolmoEConfig.from_name("tiny").to_hf_dict()
+    d["n_kv_heads"] = 2
+    cfg = MolmoEConfig.from_hf_dict(d)
+    model = MolmoE.from_config_on_meta(cfg).init_weights(seed=5)
+    kv_dim = 2 * cfg.llm.head_dim
+    assert model.llm.blocks[0].attn.qkv.weight.shape == (cfg.llm.d_model + 2 * kv_dim, cfg.llm.d_model)
+    prompt = torch.tensor([[999, 17, 400, 23, 1003, 1100, 8]])
+    out = model.generate(prompt, max_new_tokens=6)
+    assert torch.equal(out, full_recompute_greedy(model, prompt, None, None, None, 6))
+    model.save_pretrained(tmp_path)
+    again = MolmoE.from_pretrained(tmp_path)
+    assert again.config.llm.n_kv_heads == 2 and torch.equal(again.generate(prompt, max_new_tokens=6), out)
+
+
+@torch.no_grad()
+def test_incremental_forward_with_growing_cache(model, cases):
+    ids = cases["single_image.input_ids"][None]
+    images = image_inputs(cases, "single_image")
+    full = model(ids, *images).logits
+    split = int(images[2].max()) + 1  # prefill covers every image token, then decode the text one by one
+    assert split < ids.shape[1] - 3
+    out = model(ids[:, :split], *images, use_cache=True)
+    cache = out.past_key_values
+    assert cache.length == split
+    steps = [out.logits]
+    for t in range(split, ids.shape[1]):  # the cache grows past its initial capacity here
+        steps.append(model(ids[:, t: t + 1], position_ids=torch.tensor([[t]]), past_key_values=cache,
+                           use_cache=True).logits)
+    assert cache.length == ids.shape[1]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)

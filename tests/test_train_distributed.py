@@ -1,0 +1,158 @@
+"""End-to-end training runs of the tiny model on CPU (gloo): world-size parity, exact resume after kill -9,
+a kill during a checkpoint write, the NaN guard, and the HF export of a run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Kills this process with SIGKILL at a chosen point of a real CLI run, so the interruption is deterministic.
+KILL_AT_STEP = """
+import os, signal, sys
+from molmo_fast.train import metrics
+log = metrics.MetricsLogger.log
+def log_then_die(self, step, scalars):
+    if step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    log(self, step, scalars)
+metrics.MetricsLogger.log = log_then_die
+from molmo_fast.train.__main__ import main
+main(sys.argv[1:])
+"""
+KILL_IN_CHECKPOINT_WRITE = """
+import os, signal, sys
+from molmo_fast.train import checkpoint
+save = checkpoint.dcp.save
+def save_then_die(state, checkpoint_id):
+    save(state, checkpoint_id=checkpoint_id)  # the shards are on disk, the checkpoint is not published yet
+    if checkpoint_id.endswith(".tmp_step_{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.dcp.save = save_then_die
+from molmo_fast.train.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from molmo_fast.data.sources.synthetic import ensure_synthetic_shards
+
+    out = tmp_path_factory.mktemp("data") / "synthetic_charts"
+    ensure_synthetic_shards(out, "synthetic_charts", 64, seed=0, shard_size=16)
+    return out
+
+
+def _args(run_dir: Path, shards: Path, **bindings) -> list[str]:
+    params = {
+        "TrainConfig.run_dir": repr(str(run_dir)), "DataConfig.shards": repr({"charts": str(shards)}),
+        "DataConfig.sequence_length": 64, "DataConfig.num_workers": 0, "DataConfig.shuffle_buffer": 16,
+        "DataConfig.world_independent": True, "TrainConfig.max_steps": 6, "TrainConfig.global_batch_size": 4,
+        "TrainConfig.micro_batch_size": 2, "TrainConfig.log_every": 1, "TrainConfig.checkpoint_every": 2,
+        "TrainConfig.progress_bar": False, "TrainConfig.export_hf_at_end": False,
+        "OptimConfig.lr": "{'vit': 1e-3, 'connector': 1e-3, 'llm': 1e-3}",
+        "OptimConfig.warmup": "{'vit': 1, 'connector': 1, 'llm': 1}",
+    }
+    params.update(bindings)
+    out = ["--gin_file", "gin/tiny.gin"]
+    for key, value in params.items():
+        out += ["--gin_param", f"{key} = {value}"]
+    return out
+
+
+def _run(args: list[str], nproc: int = 0, script: str | None = None, check: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "molmo_fast.train", *args]
+    elif script:
+        cmd = [sys.executable, "-c", script, *args]
+    else:
+        cmd = [sys.executable, "-m", "molmo_fast.train", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards) -> Path:
+    """An uninterrupted single-process run: 6 steps, micro-batch 2 x 2 accumulation, checkpoints every 2."""
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    _run(_args(run_dir, shards, **{"DataConfig.num_workers": 1, "DataConfig.world_independent": False}))
+    return run_dir
+
+
+@pytest.mark.distributed
+def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, shards):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(_args(one, shards, **{"TrainConfig.max_steps": 4}))
+    _run(_args(two, shards, **{"TrainConfig.max_steps": 4}), nproc=2)  # micro-batch 2 x 2 ranks, no accumulation
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert len(set(a.values())) == 4  # the model is learning, so equal curves are not a coincidence
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
+    # Both ranks wrote their shards of the same checkpoint.
+    assert sorted(p.name for p in (two / "checkpoints" / "step_4").glob("*.distcp")) == ["__0_0.distcp",
+                                                                                        "__1_0.distcp"]
+
+
+@pytest.mark.distributed
+def test_kill_9_then_resume_gives_the_uninterrupted_loss_sequence(tmp_path, shards, reference):
+    run_dir = tmp_path / "killed"
+    args = _args(run_dir, shards, **{"DataConfig.num_workers": 1, "DataConfig.world_independent": False})
+    proc = _run(args, script=KILL_AT_STEP.format(step=5), check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert max(_losses(run_dir)) == 4 and (run_dir / "checkpoints" / "step_4").is_dir()
+    with pytest.raises(AssertionError, match="already exists"):  # never clobbered without --resume
+        _run(args)
+    _run(args + ["--resume", "latest"])
+    assert _losses(run_dir) == _losses(reference)  # bit-identical: weights, Adam state, data position, RNG
+
+
+@pytest.mark.distributed
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, shards, reference):
+    from molmo_fast.model.molmoe import MolmoE
+    from molmo_fast.train.checkpoint import find_checkpoint
+
+    run_dir = tmp_path / "killed_in_write"
+    args = _args(run_dir, shards, **{"DataConfig.num_workers": 1, "DataConfig.world_independent": False})
+    proc = _run(args, script=KILL_IN_CHECKPOINT_WRITE.format(step=4), check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert (run_dir / "checkpoints" / ".tmp_step_4").is_dir()
+    assert find_checkpoint(run_dir) == run_dir / "checkpoints" / "step_2"
+    # The previous checkpoint loads (through the export path) ...
+    out = tmp_path / "hf"
+    subprocess.run([sys.executable, "-m", "molmo_fast.export", str(run_dir), str(out)], cwd=REPO, check=True,
+                   capture_output=True, timeout=120)
+    model = MolmoE.from_pretrained(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert (out / "preprocessor_config.json").is_file()
+    # ... and resuming from it replays steps 3-6 exactly as the uninterrupted run.
+    _run(args + ["--resume", "latest"])
+    assert _losses(run_dir) == _losses(reference)
+    assert not (run_dir / "checkpoints" / ".tmp_step_4").exists()
+
+
+@pytest.mark.distributed
+def test_nan_guard_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, shards):
+    run_dir = tmp_path / "diverged"
+    lr = "{'vit': 1e30, 'connector': 1e30, 'llm': 1e30}"
+    proc = _run(_args(run_dir, shards, **{"OptimConfig.lr": lr, "OptimConfig.max_grad_norm": 0.0,
+                                          "TrainConfig.checkpoint_every": 1}), check=False)
+    assert proc.returncode != 0
+    assert "non-finite" in proc.stderr and "last good checkpoint" in proc.stderr
+    steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*")]
+    assert steps and max(steps) < 6
