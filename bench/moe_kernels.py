@@ -3,11 +3,12 @@
     python bench/moe_kernels.py [--quick] [--out bench/moe_kernels.json]
     python bench/moe_kernels.py --device cpu --tiny      # seconds-long smoke run of the script itself
 
-molmo_fast paths get expert_idx [T, K_max] with the first k slots active (runtime top-k, one shape for
-every k); transformers' OlmoeExperts gets exactly [T, k]. Columns: median ms, TFLOP/s on the active
-pairs, % of a dense bf16 GEMM timed in this run, GB/s on the weight-read floor (experts hit x weight
-bytes + x and y) and time / floor time at the copy bandwidth measured in this run, relative error of y
-(and dx for fwd+bwd) against an fp32 loop reference, recompiles after a k change.
+molmo_fast paths get expert_idx [T, K_max = max k] with the first k slots active (runtime top-k, one
+shape for every k; --exact-k gives them [T, k]); transformers' OlmoeExperts gets exactly [T, k].
+Columns: median ms, TFLOP/s on the active pairs, % of a dense bf16 GEMM timed in this run, GB/s on the
+weight-read floor (experts hit x weight bytes + x and y) and time / floor time at the copy bandwidth
+measured in this run, relative error of y (and dx for fwd+bwd) against an fp32 loop reference, and
+recompiles after a k change.
 """
 
 import argparse
@@ -133,6 +134,7 @@ def run(args) -> dict:
     Ts = args.T or Ts
     ks = args.k or ks
     k_max = max(ks)
+    env_k_max = "k (--exact-k)" if args.exact_k else k_max
     elt = torch.tensor([], dtype=dtype).element_size()
     g = torch.Generator(device=device).manual_seed(0)
     w_gate_up_EHD = torch.nn.Parameter((torch.randn(E, 2 * H, D, generator=g, device=device) / D**0.5).to(dtype))
@@ -145,7 +147,7 @@ def run(args) -> dict:
         "torch": torch.__version__,
         "dtype": args.dtype,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "shape": {"D": D, "H": H, "E": E, "K_max": k_max},
+        "shape": {"D": D, "H": H, "E": E, "K_max": env_k_max},
     }
     try:
         import transformers
@@ -163,7 +165,7 @@ def run(args) -> dict:
         x_TD = torch.randn(T, D, generator=g, device=device).to(dtype).requires_grad_()
         dy_TD = torch.randn(T, D, generator=g, device=device).to(dtype)
         for k in ks:
-            idx_TK, weight_TK = make_routing(T, E, k_max, k, device)
+            idx_TK, weight_TK = make_routing(T, E, k if args.exact_k else k_max, k, device)
             weight_TK.requires_grad_()
             n_pairs = int((idx_TK >= 0).sum())
             experts_hit = int(torch.unique(idx_TK[idx_TK >= 0]).numel())
@@ -204,7 +206,10 @@ def run(args) -> dict:
     return {"env": env, "rows": rows, "recompiles": recompiles}
 
 
-HEADER = f"{'impl':>14} {'T':>6} {'k':>3} {'mode':>8} {'ms':>9} {'TFLOP/s':>8} {'%dense':>7} {'GB/s':>8} {'xfloor':>7} {'rel_err':>8}"
+HEADER = (
+    f"{'impl':>14} {'T':>6} {'k':>3} {'mode':>8} {'ms':>9} {'TFLOP/s':>8} {'%dense':>7} {'GB/s':>8} "
+    f"{'xfloor':>7} {'rel_err':>8}"
+)
 
 
 def _fmt(r: dict) -> str:
@@ -223,6 +228,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--T", type=int, nargs="+", help="override the token counts")
     parser.add_argument("--k", type=int, nargs="+", help="override the top-k values (K_max = max)")
     parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    parser.add_argument("--exact-k", action="store_true", help="give molmo_fast paths K = k, not K_max = max(k)")
     parser.add_argument("--no-recompile-check", action="store_true")
     parser.add_argument("--out", default="bench/moe_kernels.json", help="JSON results path")
     args = parser.parse_args(argv)

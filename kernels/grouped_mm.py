@@ -18,12 +18,12 @@ def _round_up(n: int, m: int) -> int:
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """grouped_mm for any shape: it needs 16-byte aligned strides, so zero-pad the odd dims (tests only)."""
     align = 16 // a.element_size()
-    if b.dim() == 2:  # a [M, P] @ b [P, N] grouped along P: weight gradients
+    if b.dim() == 2:  # a [M, P] (a transposed view) @ b [P, N] grouped along P: weight gradients
         (m, p), n = a.shape, b.shape[1]
-        pads = [_round_up(v, align) - v for v in (m, p, n)]
-        if any(pads) or a.stride(-1) != 1 or b.stride(-1) != 1:
-            a = F.pad(a, (0, pads[1], 0, pads[0])).contiguous()
-            b = F.pad(b, (0, pads[2], 0, pads[1])).contiguous()
+        m_pad, n_pad = _round_up(m, align) - m, _round_up(n, align) - n
+        if m_pad or n_pad:  # padded a comes out column-major: its only stride is then M, now aligned
+            a = F.pad(a.t(), (0, m_pad)).t()
+            b = F.pad(b, (0, n_pad))
         return F.grouped_mm(a, b, offs=offs)[:, :m, :n]
     k, n = b.shape[1:]
     k_pad, n_pad = _round_up(k, align) - k, _round_up(n, align) - n

@@ -4,6 +4,7 @@
 per direction with static-shape fake outputs: top-k and the active mask are data, never a guard.
 """
 
+import importlib.util
 import os
 
 import torch
@@ -13,6 +14,7 @@ from .reference import moe_mlp_loop
 from .routing import Routing
 
 IMPLS = ("auto", "triton", "grouped_mm", "loop")
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _backend(impl: str):
@@ -27,7 +29,7 @@ def _resolve(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"moe_mlp: impl={impl!r}, expected one of {IMPLS}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "grouped_mm"
+        return "triton" if device.type == "cuda" and _HAS_TRITON else "grouped_mm"
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("moe_mlp: impl='triton' on a CPU tensor needs TRITON_INTERPRET=1 (the interpreter)")
     return impl

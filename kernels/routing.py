@@ -25,15 +25,22 @@ class Tiles:
     row_end: torch.Tensor  # int32 [max_tiles]: end of the tile's expert group (rows beyond are masked)
 
 
-def route(expert_idx_TK: torch.Tensor, num_experts: int) -> Routing:
-    """Stable bucket sort of pairs by expert; slots with an index outside [0, E) are inactive."""
+def sort_pairs(expert_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of pairs by expert: (sorted keys, int32 pair ids); inactive slots get key E (last)."""
     E = num_experts
-    idx_P = expert_idx_TK.reshape(-1).to(torch.int64)
+    idx_P = expert_idx_TK.reshape(-1)
     key_P = torch.where((idx_P >= 0) & (idx_P < E), idx_P, E)
     key_sorted_P, sorted_pair_P = torch.sort(key_P, stable=True)
-    expert_ids_E = torch.arange(E, device=idx_P.device, dtype=torch.int64)
+    return key_sorted_P, sorted_pair_P.to(torch.int32)
+
+
+def route(expert_idx_TK: torch.Tensor, num_experts: int) -> Routing:
+    """Bucket pairs by expert; slots with an index outside [0, E) are inactive."""
+    E = num_experts
+    key_sorted_P, sorted_pair_P = sort_pairs(expert_idx_TK, E)
+    expert_ids_E = torch.arange(E, device=key_sorted_P.device, dtype=key_sorted_P.dtype)
     offs_E = torch.searchsorted(key_sorted_P, expert_ids_E, right=True)
-    return Routing(sorted_pair_P.to(torch.int32), offs_E.to(torch.int32))
+    return Routing(sorted_pair_P, offs_E.to(torch.int32))
 
 
 def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -42,6 +49,7 @@ def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def make_tiles(routing: Routing, block_m: int) -> Tiles:
+    """Torch reference of the tile plan (the Triton path builds it in one launch: `plan_kernel`)."""
     offs_E = routing.offs_E.to(torch.int64)
     E, P = offs_E.numel(), routing.sorted_pair_P.numel()
     starts_E = torch.cat([offs_E.new_zeros(1), offs_E[:-1]])
@@ -54,7 +62,7 @@ def make_tiles(routing: Routing, block_m: int) -> Tiles:
     row_start = starts_E[e] + (tile_ids - (tile_end_E[e] - tiles_E[e])) * block_m
     row_end = offs_E[e]
     return Tiles(
-        e.to(torch.int32),
+        torch.where(used, e, 0).to(torch.int32),
         torch.where(used, row_start, 0).to(torch.int32),
         torch.where(used, row_end, 0).to(torch.int32),
     )

@@ -9,15 +9,14 @@ Autotune keys are static dims only, so a k change never re-tunes or recompiles.
 
 import os
 
-import torch
 import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Epilogues of the grouped GEMM.
+# EPILOGUE of the grouped GEMM (kernels compare against the literal values).
 PLAIN, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2
-# Where a row of an operand lives: at its sorted row, or at its token (pair // K) / pair id.
+# *_ROWS: where an operand's row lives: at the sorted row, at its token (pair // K), or at its pair id.
 SORTED, TOKEN, PAIR = 0, 1, 2
 
 
@@ -53,6 +52,7 @@ def _wgrad_configs():
 
 @triton.jit
 def _row_index(rows, pair, K_SLOTS, WHERE: tl.constexpr):
+    """int64 row offsets (P * D overflows int32 at T=32768, K=16) for SORTED / TOKEN / PAIR."""
     index = rows.to(tl.int64)
     if WHERE == 1:
         index = (pair // K_SLOTS).to(tl.int64)
@@ -240,10 +240,60 @@ def weight_grad_kernel(
         tl.store(dw_ptr + p, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _upper_bound(keys_ptr, value, P):
+    """Per lane: how many of the P sorted keys are <= value (a vectorised binary search)."""
+    lo = tl.zeros(value.shape, dtype=tl.int32)
+    hi = tl.zeros(value.shape, dtype=tl.int32) + P
+    for _ in range(31):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        key = tl.load(keys_ptr + mid, mask=active, other=0)
+        right = key <= value
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def plan_kernel(
+    keys_ptr, offs_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, P, E, NUM_TILES,
+    HAVE_OFFS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, TILE_BLOCK: tl.constexpr,
+):
+    """One program: expert offsets (binary search of the sorted keys, unless HAVE_OFFS) and the row-tile
+    plan of `routing.make_tiles`, replacing a dozen small torch launches per MoE layer (decode latency)."""
+    e = tl.arange(0, E_PAD)
+    e_mask = e < E
+    if HAVE_OFFS:
+        ends = tl.load(offs_ptr + e, mask=e_mask, other=0)
+        starts = tl.load(offs_ptr + e - 1, mask=e_mask & (e > 0), other=0)
+    else:
+        ends = _upper_bound(keys_ptr, e, P)
+        tl.store(offs_ptr + e, ends, mask=e_mask)
+        # starts[e] = ends[e - 1]: a register shift through a one-hot matrix (E_PAD^2 is tiny) saves a
+        # second chain of dependent global loads.
+        starts = tl.sum(tl.where(e[:, None] - 1 == e[None, :], ends[None, :], 0), axis=1)
+    tiles = tl.where(e_mask, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    tile_end = tl.cumsum(tiles, axis=0)
+    tile_base = starts - (tile_end - tiles) * BLOCK_M  # row_start of tile t of expert e = tile_base + t * BLOCK_M
+    total = tl.sum(tiles, axis=0)
+    for t0 in range(0, NUM_TILES, TILE_BLOCK):
+        t = t0 + tl.arange(0, TILE_BLOCK)
+        expert = tl.sum((tile_end[None, :] <= t[:, None]).to(tl.int32), axis=1)
+        onehot = e[None, :] == expert[:, None]
+        used = t < total
+        row_start = tl.sum(tl.where(onehot, tile_base[None, :], 0), axis=1) + t * BLOCK_M
+        row_end = tl.sum(tl.where(onehot, ends[None, :], 0), axis=1)
+        t_mask = t < NUM_TILES
+        tl.store(tile_expert_ptr + t, tl.where(used, expert, 0), mask=t_mask)
+        tl.store(tile_start_ptr + t, tl.where(used, row_start, 0), mask=t_mask)
+        tl.store(tile_end_ptr + t, tl.where(used, row_end, 0), mask=t_mask)
+
+
 def compiled_variants() -> int:
     """Compiled binaries plus autotune decisions held by this module's kernels (grows on a recompile)."""
     total = 0
-    for kernel in (grouped_gemm_kernel, grouped_wgrad_kernel, combine_kernel, weight_grad_kernel):
+    for kernel in (grouped_gemm_kernel, grouped_wgrad_kernel, combine_kernel, weight_grad_kernel, plan_kernel):
         total += len(getattr(kernel, "cache", {}))  # autotuner: one entry per tuning key
         jit = getattr(kernel, "fn", kernel)
         for caches in getattr(jit, "device_caches", {}).values():

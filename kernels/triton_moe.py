@@ -8,7 +8,7 @@ dh, then dX (gate_up^T GEMM scattered to pair rows, combined over K) and the gro
 import triton
 
 from . import triton_kernels as tk
-from .routing import Routing, make_tiles, route
+from .routing import Routing, Tiles, max_tiles, sort_pairs
 
 
 def block_m_for(num_pairs: int, num_experts: int) -> int:
@@ -31,6 +31,19 @@ def _gemm(a, b, c, tiles, *, aux, pair, n, kred, k_slots, b_strides, b_half=0,
     )
 
 
+def _plan(routing: Routing, block_m: int, key_sorted_P=None) -> Tiles:
+    """Row-tile plan in one launch; with `key_sorted_P` it also fills routing.offs_E (forward)."""
+    E, P = routing.offs_E.numel(), routing.sorted_pair_P.numel()
+    n = max_tiles(P, E, block_m)
+    tiles = Tiles(*(routing.offs_E.new_empty(n) for _ in range(3)))
+    tk.plan_kernel[(1,)](
+        routing.offs_E if key_sorted_P is None else key_sorted_P, routing.offs_E,
+        tiles.expert, tiles.row_start, tiles.row_end, P, E, n,
+        HAVE_OFFS=key_sorted_P is None, BLOCK_M=block_m, E_PAD=triton.next_power_of_2(E), TILE_BLOCK=128,
+    )
+    return tiles
+
+
 def _combine(o_PD, expert_idx_TK, weight_TK, E, out_TD):
     T, K = expert_idx_TK.shape
     D = o_PD.shape[1]
@@ -50,9 +63,10 @@ def moe_fwd(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, save: boo
     P = T * K
     expert_idx_TK = expert_idx_TK.contiguous()
     weight_TK = weight_TK.contiguous()
-    routing = route(expert_idx_TK, E)
+    key_sorted_P, sorted_pair_P = sort_pairs(expert_idx_TK, E)
+    routing = Routing(sorted_pair_P, sorted_pair_P.new_empty(E))
     block_m = block_m_for(P, E)
-    tiles = make_tiles(routing, block_m)
+    tiles = _plan(routing, block_m, key_sorted_P)
     pair = routing.sorted_pair_P
 
     a_PH = x_TD.new_empty(P, H)
@@ -82,7 +96,7 @@ def moe_bwd(dy_TD, x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, ro
     expert_idx_TK = expert_idx_TK.contiguous()
     weight_TK = weight_TK.contiguous()
     block_m = block_m_for(P, E)
-    tiles = make_tiles(routing, block_m)
+    tiles = _plan(routing, block_m)
     pair = routing.sorted_pair_P
 
     dweight_TK = weight_TK.new_empty(T, K)

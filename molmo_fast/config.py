@@ -33,6 +33,7 @@ _SUPPORTED = {
     "moe_shared_expert": False,
     "norm_after": False,
     "normalize_input_embeds": False,
+    "response_attention_dropout": 0.0,
     "qkv_bias": False,
     "rope": True,
     "rope_impl": "llama",
@@ -40,7 +41,13 @@ _SUPPORTED = {
     "use_cls_feature": False,
     "weight_tying": False,
 }
-_SUPPORTED_VISION = {"image_mlp_activations": "quick_gelu"}
+# The ViT's own dropouts are not implemented (MolmoE trains with them off).
+_SUPPORTED_VISION = {"image_mlp_activations": "quick_gelu", "attention_dropout": 0.0, "residual_dropout": 0.0,
+                     "image_dropout_rate": 0.0}
+# HF key -> DropoutConfig field.
+_DROPOUT_KEYS = {"residual_dropout": "residual", "response_residual_dropout": "response_residual",
+                 "attention_dropout": "attention", "embedding_dropout": "embedding",
+                 "image_feature_dropout": "image_feature"}
 
 
 @dataclass
@@ -118,11 +125,27 @@ class MoEConfig:
 
 
 @dataclass
+class DropoutConfig:
+    """Training-only dropout rates, as allenai/molmo applies them; all are inactive in eval mode."""
+
+    residual: float = 0.0  # attention and MoE outputs, before each residual add
+    response_residual: float = 0.0  # when > 0: the residual rate at response (loss) tokens, `residual` elsewhere
+    attention: float = 0.0  # attention probabilities (SDPA dropout_p)
+    embedding: float = 0.0  # input embeddings, after the image features are added
+    image_feature: float = 0.0  # concatenated ViT features (after the pad embeddings), before pooling
+
+    @property
+    def active(self) -> bool:
+        return any(getattr(self, f) > 0 for f in self.__dataclass_fields__)
+
+
+@dataclass
 class MolmoEConfig:
     vision: VisionConfig
     connector: ConnectorConfig
     llm: LLMConfig
     moe: MoEConfig
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
     hf_extra: dict[str, Any] = field(default_factory=dict, repr=False)  # the HF dict as read (for round trip)
 
     # ---------------------------------------------------------------- HF config.json
@@ -236,7 +259,13 @@ class MolmoEConfig:
             load_balancing_weight=float(get("moe_loss_weight", (int, float))),
             z_loss_weight=float(get("moe_zloss_weight", (int, float))),
         )
-        return cls(vision, connector, llm, moe, hf_extra=copy.deepcopy(d))
+        rates = {}
+        for key, name in _DROPOUT_KEYS.items():
+            rate = get(key, (int, float)) if key in d else 0.0
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{source}: field '{key}' = {rate!r}, expected a rate in [0, 1)")
+            rates[name] = float(rate)
+        return cls(vision, connector, llm, moe, DropoutConfig(**rates), hf_extra=copy.deepcopy(d))
 
     @classmethod
     def from_hf_json(cls, path: str | Path) -> "MolmoEConfig":
@@ -278,6 +307,10 @@ class MolmoEConfig:
             d["mlp_hidden_size"] = 2 * moe.hidden_size
         d.update(moe_num_experts=moe.num_experts, moe_top_k=moe.top_k, moe_loss_weight=moe.load_balancing_weight,
                  moe_zloss_weight=moe.z_loss_weight)
+        for key, name in _DROPOUT_KEYS.items():
+            rate = getattr(self.dropout, name)
+            if key in d or rate:
+                d[key] = rate
         for key, value in _SUPPORTED.items():
             d.setdefault(key, value)
         return d

@@ -6,6 +6,11 @@ import torch
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 
+# Without a GPU the Triton kernels run in Triton's interpreter. Triton reads this once, when it is first
+# imported (torch._dynamo imports it), so it must be set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

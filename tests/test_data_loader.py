@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import tarfile
 import zlib
 from pathlib import Path
@@ -144,13 +145,16 @@ def corrupt_set(tmp_path):
     return str(d)
 
 
-def test_train_loader_skips_and_counts_corrupt_samples(corrupt_set):
+def test_train_loader_skips_and_counts_corrupt_samples(corrupt_set, caplog):
     loader = TrainLoader(Mixture.single(corrupt_set), fake_preprocess, _cfg(num_workers=1, shuffle_buffer=2))
-    batches = _take(loader, 25)
+    with caplog.at_level(logging.WARNING, logger="molmo_fast.data.loader"):
+        batches = _take(loader, 25)
     ids = {i for b in batches for i in _ids(b)}
     assert {"c0001", "c0002", "c0003"}.isdisjoint(ids)
     assert "c0000" in ids
     assert loader.stats["corrupt"] >= 3 and loader.stats["examples"] == 75
+    logged = caplog.text
+    assert "corrupt" in logged and "JSONDecodeError" in logged and "Truncated" in logged  # never silent
 
 
 def test_eval_loader_exactly_once_equal_length(corrupt_set, tmp_path):
@@ -185,3 +189,17 @@ def test_real_preprocessor_in_workers(tmp_path):
     n_loss = batch["loss_masks"].sum(1)
     assert (n_loss > 1).all()  # the answer "h:mm" plus EOS is trained
     assert (batch["labels"][batch["loss_masks"] > 0] >= 0).all()
+
+
+@pytest.mark.parametrize("n, world, batch", [(1, 3, 2), (7, 2, 4), (10, 4, 1), (12, 3, 4)])
+def test_eval_split_edge_cases(tmp_path, n, world, batch):
+    data = _shard_set(tmp_path / "e", "e", n, shard_size=3)
+    seen, lengths = [], set()
+    for rank in range(world):
+        loader = EvalLoader(data, fake_preprocess, _cfg(batch_size=batch, num_workers=0), rank=rank, world_size=world)
+        batches = list(loader)
+        lengths.add(len(batches))
+        assert all(len(b["metadata"]) == batch for b in batches)
+        seen += [m["id"] for b in batches for m in b["metadata"] if not m["padding"]]
+    assert len(lengths) == 1 and lengths.pop() >= 1
+    assert sorted(seen) == [f"e{i:04d}" for i in range(n)]

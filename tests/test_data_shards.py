@@ -188,3 +188,17 @@ def test_failed_build_leaves_no_shard_set(tmp_path):
             writer.write_all(records())
     with pytest.raises(FileNotFoundError, match="sizes.json"):
         read_sizes(tmp_path)
+
+
+def test_synthetic_counting_answer_is_molmo_point_count_with_the_points():
+    from molmo_fast.data.formatter import format_example, parse_points
+
+    for i in range(6):
+        ex = decode_sample(encode_record(make_example("synthetic_counting", i, image_size=200)))
+        answer = format_example(ex, rng=None)[0][1]
+        if ex["count"] == 0:
+            assert answer.strip() == "There are none."
+            continue
+        assert answer.strip().startswith("Counting the <point") and answer.strip().endswith(f"total of {ex['count']}.")
+        parsed = sorted(parse_points(answer, ex["image_size"]))
+        assert np.allclose(parsed, sorted(map(tuple, ex["points"])), atol=0.2)  # 1-decimal percent rounding

@@ -15,7 +15,7 @@ from PIL import Image
 
 from molmo_fast.data import build
 from molmo_fast.data.shards import decode_sample, read_info, read_sizes
-from molmo_fast.data.sources import HF_SOURCES, list_sources
+from molmo_fast.data.sources.registry import HF_SOURCES, list_sources
 from molmo_fast.data.sources.download import ImageFetcher, url_fetch
 from molmo_fast.data.sources.pixmo import unpack_masks
 
@@ -51,8 +51,7 @@ CASES = {
     "pixmo_points": (
         [{"image_url": URL, "image_sha256": SHA, "points": [{"x": 50.0, "y": 25.0}], "count": 1, "label": "dog",
           "collection_method": "pointing"}],
-        lambda ex: [e["style"] for e in ex] == ["pointing", "point_count"]
-        and ex[0]["points"] == [[20.0, 5.0]] and ex[1]["count"] == 1 and ex[0]["label"] == "dog"),
+        lambda ex: ex[0]["style"] == "pointing" and ex[0]["points"] == [[20.0, 5.0]] and ex[0]["label"] == "dog"),
     "pixmo_point_explanations": (
         [{"image_url": URL, "image_sha256": SHA, "question": "Where is the cat?", "response": "raw",
           "parsed_response": "There is <|POINT|> here.", "alt_text": ["cat"], "inline_text": ["a cat"],
@@ -119,8 +118,12 @@ CASES = {
         [{"id": "validation_Art_1", "question": "In <image 1>, which?", "options": "['p', 'q', 'r']", "answer": "C",
           "explanation": "", "image_1": IMG, "image_2": None, "image_3": None, "image_4": None, "image_5": None,
           "image_6": None, "image_7": None, "img_type": "['Paintings']", "topic_difficulty": "Easy",
-          "question_type": "multiple-choice", "subfield": "Art"}],
-        lambda ex: ex[0]["options"] == ["p", "q", "r"] and ex[0]["answer_idx"] == 2
+          "question_type": "multiple-choice", "subfield": "Art"},
+         {"id": "validation_Art_2", "question": "Compare <image 1> and <image 2>.", "options": "[]", "answer": "x",
+          "explanation": "", "image_1": IMG, "image_2": IMG, "image_3": None, "image_4": None, "image_5": None,
+          "image_6": None, "image_7": None, "img_type": "[]", "topic_difficulty": "Hard",
+          "question_type": "open", "subfield": "Art"}],
+        lambda ex: len(ex) == 1 and ex[0]["options"] == ["p", "q", "r"] and ex[0]["answer_idx"] == 2
         and ex[0]["question"] == "In the image, which?"),
     "math_vista": (
         [{"pid": "1", "question": "Value?", "image": "images/1.jpg", "decoded_image": IMG, "choices": None,
@@ -140,7 +143,14 @@ for _t in ("tables", "diagrams", "other"):
                                 lambda ex, t=_t: ex[0]["style"] == f"pixmo_docs_{t}"
                                 and len(ex[0]["message_list"]) == 2)
 
-IMAGE_COLUMNS = ("image", "decoded_image", "image_1", "images")
+CASES["pixmo_points_counting"] = (CASES["pixmo_points"][0],
+                                  lambda ex: ex[0]["style"] == "point_count" and ex[0]["points"] == [[20.0, 5.0]]
+                                  and ex[0]["count"] == 1)
+CASES["pixmo_count_pointing"] = (CASES["pixmo_count"][0],
+                                 lambda ex: ex[0]["style"] == "pointing"
+                                 and ex[0]["points"] == [[3.0, 4.0], [30.0, 14.0]])
+
+IMAGE_COLUMNS = ("image", "decoded_image", "image_1", "image_2", "images")
 
 
 def _dataset(rows):
@@ -238,6 +248,8 @@ def test_download_sha_retries_failures_and_resume(server, tmp_path):
     again = ImageFetcher(tmp_path / "cache", fetch=url_fetch(), **fetcher_kw)
     assert [again.get(r["image_url"], r["image_sha256"]) is not None for r in rows] == [True, True, False, False]
     assert _Handler.hits == hits and again.stats.cached == 2 and again.stats.failed == 2
+    retry = ImageFetcher(tmp_path / "cache", fetch=url_fetch(), retry_failed=True, **fetcher_kw)
+    assert retry.get(rows[2]["image_url"]) is None and _Handler.hits["/missing.jpg"] == 2
 
 
 def test_cli_list_and_synthetic_build(tmp_path, capsys):

@@ -3,6 +3,7 @@ single process."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -27,8 +28,15 @@ def test_two_ranks_match_one_process(checkpoint, data_dir, tmp_path, mode):  # n
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "molmo_fast.eval", *common, "--out", str(tmp_path / "multi")] + (["--fsdp"] if mode == "fsdp" else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A session of its own, so a timeout kills the rank processes too, not only the launcher.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     single, multi = _predictions(tmp_path / "single"), _predictions(tmp_path / "multi")
     assert len(multi) == 7 and len({i for i, _ in multi}) == 7
     assert multi == single

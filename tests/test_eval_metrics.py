@@ -25,6 +25,8 @@ def test_clean_prediction_rules():
     ("2.5", "2.5"), ("end.", "end"), ("1.", "1"),  # a period survives only before a digit
     ("dont", "don't"), ("whats up", "what's up"), ("couldnt've", "couldn't've"), ("im", "im"),
     ("hello\tworld\n", "hello world"),
+    ("it's", "it's"),                       # apostrophes are not punctuation here
+    ("x - y", "x y"), ("a, b, and c.", "b and c"),
 ])
 def test_vqa_normalisation(raw, norm):
     assert M.normalize_vqa_answer(raw) == norm
@@ -76,6 +78,7 @@ def test_exact_match():
     ("B", 1), ("(c)", 2), ("C. a bird", 2), ("a dog", 1), ("dog", 1),
     ("the cat is on the mat", 0),   # the output starts with exactly one option ("the cat")
     ("bir", 2),                     # unique option prefix
+    ("i would say a bird, surely", 2),  # the one option quoted inside a longer answer
     ("catt", 0),                    # nothing matches: smallest edit distance
 ])
 def test_multiple_choice(pred, idx):
@@ -105,9 +108,10 @@ def test_count_unparseable_is_wrong():
 # ------------------------------------------------------------------ pointing
 def _brute_force_cost(cost):
     rows, cols = len(cost), len(cost[0])
-    if rows <= cols:
-        return min(sum(cost[r][c] for r, c in zip(range(rows), perm)) for perm in itertools.permutations(range(cols), rows))
-    return min(sum(cost[r][c] for c, r in zip(range(cols), perm)) for perm in itertools.permutations(range(rows), cols))
+    if rows > cols:
+        cost = [list(col) for col in zip(*cost)]
+        rows, cols = cols, rows
+    return min(sum(cost[r][c] for r, c in enumerate(perm)) for perm in itertools.permutations(range(cols), rows))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 3), (2, 5), (5, 2), (4, 4)])
@@ -156,6 +160,9 @@ def test_pointing_edge_cases():
     wrapped = count_to_text([[5, 5]], "x", size)
     assert M.pointing_scores(wrapped, [[5, 5]], size)["f1"] == 0.0
     assert M.is_valid_point_output(points_to_text([[5, 5]], "x", size))
+    # Coordinates above 100% are invalid points and are dropped before matching.
+    beyond = '<points x1="5.0" y1="5.0" x2="150.0" y2="5.0" alt="x">x</points>'
+    assert M.pointing_scores(beyond, [[5, 5]], size) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
 
 
 # ------------------------------------------------------------------ MMMU

@@ -48,7 +48,8 @@ def _rows(path: Path) -> list[dict]:
 def test_cli_end_to_end_writes_every_output(checkpoint, data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     results = main(["--checkpoint", str(checkpoint), "--tasks", "synthetic", "--max_examples", str(N),
-                    "--batch_size", "4", "--max_new_tokens", "3", "--top_k", "1", "--out", str(out),
+                    "--batch_size", "4", "--max_new_tokens", "3", "--top_k", "1", "--knob", "skip_blocks=1",
+                    "--knob", "routing=topk_renorm", "--out", str(out),
                     "--data_dir", str(data_dir)])
     table = capsys.readouterr().out
     assert [r["task"] for r in results] == SYNTHETIC
@@ -63,10 +64,21 @@ def test_cli_end_to_end_writes_every_output(checkpoint, data_dir, tmp_path, caps
         assert metrics["score"] == pytest.approx(sum(row["score"][r["primary"]] for row in rows) / N)
         model = metrics["settings"]["model"]
         assert model["moe_top_k"] == [1, 1] and model["dtype"] == "float32" and model["max_new_tokens"] == 3
+        assert model["skip_blocks"] == [1] and model["moe_routing"] == ["topk_renorm"] * 2
         assert metrics["settings"]["max_crops"] == model["max_crops"] == 4  # low-res: the checkpoint's crops
         assert r["task"] in table
     assert set(json.loads((out / "metrics.json").read_text())) == set(SYNTHETIC)
     assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_golden_tiny_checkpoint_runs_as_shipped(golden_dir, data_dir, tmp_path):
+    """The golden fixture itself (1000-token vocab; the model clamps the real tokenizer's larger ids)."""
+    result = main(["--checkpoint", str(golden_dir / "tiny_model"), "--tasks", "synthetic_pointing",
+                   "--max_examples", "3", "--max_new_tokens", "3", "--out", str(tmp_path), "--data_dir",
+                   str(data_dir)])[0]
+    assert result["n"] == 3 and 0.0 <= result["score"] <= 1.0
+    assert result["settings"]["model"]["moe_top_k"] == [2, 2]  # the golden config's top-k
+    assert len(_rows(tmp_path / "synthetic_pointing" / "predictions.jsonl")) == 3
 
 
 def test_ranks_score_every_example_exactly_once(checkpoint, data_dir, tmp_path):
@@ -90,7 +102,9 @@ def test_resume_generates_only_missing_examples(checkpoint, data_dir, tmp_path, 
     cfg = _cfg(checkpoint, data_dir, tmp_path)
     full = _rows(tmp_path / "synthetic_charts" / "predictions.jsonl") if runner.run(cfg) else None
     pred_file = tmp_path / "synthetic_charts" / "predictions.jsonl"
-    pred_file.write_text("".join(json.dumps(r) + "\n" for r in full[:4]) + '{"id": "cut sh')  # killed mid-write
+    pred_file.unlink()  # a killed run leaves only its rank file, the last line cut short
+    rank_file = tmp_path / "synthetic_charts" / "predictions.rank0.jsonl"
+    rank_file.write_text("".join(json.dumps(r) + "\n" for r in full[:4]) + '{"id": "cut sh')
     generated = []
     original = MolmoE.generate
 
@@ -175,6 +189,7 @@ def test_resolve_checkpoint(checkpoint, tmp_path):
         runner.resolve_checkpoint(tmp_path / "nothing")
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_resolve_checkpoint_exports_a_run_step(checkpoint, tmp_path):
     """A training run dir (DCP checkpoints/step_N + model_config.json + preprocessor/) is exported once per step."""
     import torch.distributed.checkpoint as dcp
@@ -197,5 +212,17 @@ def test_resolve_checkpoint_exports_a_run_step(checkpoint, tmp_path):
     assert torch.equal(MolmoE.from_pretrained(first).state_dict()[w], reference)
     assert torch.equal(MolmoE.from_pretrained(latest).state_dict()[w], 2 * reference)
     assert runner._checkpoint_step(first) == 5
+    shutil.copytree(latest, run_dir / "hf")  # the trainer's end-of-run export
+    assert runner.resolve_checkpoint(run_dir) == run_dir / "hf" and runner._checkpoint_step(run_dir / "hf") == 10
     with pytest.raises(FileNotFoundError, match="step 7"):
         runner.resolve_checkpoint(run_dir, step=7)
+
+
+def test_gin_suite_with_cli_overrides(checkpoint, data_dir, tmp_path):
+    results = main(["--gin_file", "gin/eval/synthetic.gin", "--gin_param", "EvalConfig.tasks = 'synthetic_clocks'",
+                    "--gin_param", "EvalConfig.max_examples = 2", "--checkpoint", str(checkpoint),
+                    "--max_new_tokens", "2", "--out", str(tmp_path), "--data_dir", str(data_dir)])
+    assert [r["task"] for r in results] == ["synthetic_clocks"] and results[0]["n"] == 2
+    assert (tmp_path / "synthetic_clocks" / "metrics.json").is_file()  # --out wins over the gin file's out
+    with pytest.raises(ValueError, match="EvalConfig.tasks is required"):
+        runner.EvalConfig(checkpoint="x")  # the gin bindings do not outlive main()

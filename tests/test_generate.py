@@ -102,7 +102,7 @@ def test_gqa_model_kv_cache(tmp_path):
     d = MolmoEConfig.from_name("tiny").to_hf_dict()
     d["n_kv_heads"] = 2
     cfg = MolmoEConfig.from_hf_dict(d)
-    model = MolmoE.from_config_on_meta(cfg).init_weights(seed=5)
+    model = MolmoE.from_config_on_meta(cfg).init_weights(seed=5).eval()
     kv_dim = 2 * cfg.llm.head_dim
     assert model.llm.blocks[0].attn.qkv.weight.shape == (cfg.llm.d_model + 2 * kv_dim, cfg.llm.d_model)
     prompt = torch.tensor([[999, 17, 400, 23, 1003, 1100, 8]])

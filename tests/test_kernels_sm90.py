@@ -2,98 +2,112 @@
 
 The launches are recorded from `triton_moe` (so signatures, dtypes and constexprs are exactly what runs
 on a GPU), then compiled ahead of time with Triton's bundled ptxas. Checks that they build, that the
-grouped GEMMs use wgmma and a software-pipelined (async copy) main loop, and fit Hopper's shared memory.
+grouped GEMMs use wgmma with a software-pipelined (async copy) main loop, and fit Hopper's shared memory.
+Runs in a subprocess: the test session may have Triton in interpreter mode, which is fixed at import.
 """
 
-import importlib.util
-from pathlib import Path
+import json
+import os
+import subprocess
+import sys
+import types
 
 import pytest
-import torch
 
-triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from molmo_fast.kernels import triton_moe  # noqa: E402
-
-KERNELS = Path(triton_moe.__file__).with_name("triton_kernels.py")
 H100_SHARED_BYTES = 227 * 1024
-_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
 
-class _Recorder:
-    def __init__(self, kernel, launches):
-        self.kernel, self.launches = kernel, launches
+def _compile_all() -> list[dict]:
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+    from molmo_fast.kernels import triton_kernels, triton_moe
 
-
-def _compile(kernel, args, kwargs):
-    """Specialise like Triton's JIT does at launch (ints equal to 1 become constants, multiples of 16 and
-    tensors get the divisibility hint), taking the first autotune config."""
-    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    constexprs, options = dict(kwargs), {}
-    if fn is not kernel:
-        config = kernel.configs[0]
-        constexprs.update(config.kwargs)
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs or i >= len(args) and fn.params[i].is_constexpr:
-            signature[name] = "constexpr"
-            constexprs.setdefault(name, fn.params[i].default)
-            continue
-        value = args[i]
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + _DTYPES[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif value == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-@pytest.fixture
-def sm90_kernels(monkeypatch):
-    """A copy of triton_kernels built as real JIT kernels (not the interpreter), with the GPU configs."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
-    spec = importlib.util.spec_from_file_location("triton_kernels_sm90", KERNELS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_kernels_build_for_hopper(sm90_kernels, monkeypatch):
+    dtypes = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+              torch.int32: "i32", torch.int64: "i64"}
     launches = []
-    fake = type("FakeKernels", (), {})()
-    for name in dir(sm90_kernels):
-        value = getattr(sm90_kernels, name)
-        is_kernel = isinstance(value, (triton.runtime.Autotuner, triton.runtime.JITFunction))
-        setattr(fake, name, _Recorder(value, launches) if is_kernel else value)
-    monkeypatch.setattr(triton_moe, "tk", fake)
 
-    T, D, H, E, K = 256, 256, 128, 8, 4
-    x_TD = torch.randn(T, D, dtype=torch.bfloat16)
-    w_gate_up_EHD = torch.randn(E, 2 * H, D, dtype=torch.bfloat16)
-    w_down_EDH = torch.randn(E, D, H, dtype=torch.bfloat16)
-    idx_TK = torch.randint(0, E, (T, K))
-    weight_TK = torch.rand(T, K)
-    y_TD, routing, h_P2H, o_PD = triton_moe.moe_fwd(x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK)
-    triton_moe.moe_bwd(y_TD, x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK, routing, h_P2H, o_PD)
-    names = [getattr(k, "fn", k).__name__ for k, _, _ in launches]
-    assert names.count("grouped_gemm_kernel") == 4 and names.count("grouped_wgrad_kernel") == 2
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
 
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+
+    kernel_types = (triton.runtime.Autotuner, triton.runtime.JITFunction)
+    triton_moe.tk = types.SimpleNamespace(**{  # the launcher's view of the kernels module only
+        name: Recorder(value) if isinstance(value, kernel_types) else value
+        for name, value in vars(triton_kernels).items()
+    })
+
+    # Prefill-like (BLOCK_M = 128) in bf16 and decode-like (BLOCK_M = 16) in fp16.
+    for T, D, H, E, K, dtype in [(256, 256, 128, 8, 4, torch.bfloat16), (1, 256, 128, 64, 8, torch.float16)]:
+        x_TD = torch.randn(T, D, dtype=dtype)
+        w_gate_up_EHD = torch.randn(E, 2 * H, D, dtype=dtype)
+        w_down_EDH = torch.randn(E, D, H, dtype=dtype)
+        idx_TK = torch.randint(0, E, (T, K))
+        weight_TK = torch.rand(T, K)
+        y_TD, routing, h_P2H, o_PD = triton_moe.moe_fwd(x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK)
+        triton_moe.moe_bwd(y_TD, x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK, routing, h_P2H, o_PD)
+
+    results = []
     for kernel, args, kwargs in launches:
-        compiled = _compile(kernel, args, kwargs)
-        assert compiled.metadata.shared <= H100_SHARED_BYTES
-        if isinstance(kernel, triton.runtime.Autotuner):
-            ttgir = compiled.asm["ttgir"]
-            assert "warp_group_dot" in ttgir, f"{kernel.fn.__name__} {kwargs}: no wgmma"
-            assert "async_copy_global_to_local" in ttgir, f"{kernel.fn.__name__} {kwargs}: main loop not pipelined"
+        # Specialise like the JIT does at launch: ints equal to 1 become constants, tensors and multiples
+        # of 16 get the divisibility hint; autotuned kernels take their first config.
+        tuned = isinstance(kernel, triton.runtime.Autotuner)
+        fn = kernel.fn if tuned else kernel
+        constexprs, options = dict(kwargs), {}
+        if tuned:
+            config = kernel.configs[0]
+            constexprs.update(config.kwargs)
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        signature, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in constexprs or fn.params[i].is_constexpr:
+                signature[name] = "constexpr"
+                constexprs.setdefault(name, fn.params[i].default)
+                continue
+            value = args[i]
+            if isinstance(value, torch.Tensor):
+                signature[name] = "*" + dtypes[value.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif value == 1:
+                signature[name], constexprs[name] = "constexpr", 1
+            else:
+                signature[name] = "i32"
+                if value % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options
+        )
+        ttgir = compiled.asm["ttgir"]
+        results.append({
+            "kernel": fn.__name__, "tuned": tuned, "shared": compiled.metadata.shared,
+            "block_m": constexprs.get("BLOCK_M"),
+            "wgmma": "warp_group_dot" in ttgir, "pipelined": "async_copy_global_to_local" in ttgir,
+        })
+    return results
+
+
+def test_kernels_build_for_hopper():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = [r["kernel"] for r in results]
+    assert names.count("grouped_gemm_kernel") == 8 and names.count("grouped_wgrad_kernel") == 4, names
+    assert {"plan_kernel", "combine_kernel", "weight_grad_kernel"} <= set(names)
+    assert {r["block_m"] for r in results if r["kernel"] == "grouped_gemm_kernel"} == {16, 128}
+    for r in results:
+        assert r["shared"] <= H100_SHARED_BYTES, r
+        if r["tuned"]:
+            assert r["pipelined"], r
+        if r["tuned"] and (r["block_m"] or 128) >= 64:  # wgmma tiles are 64 rows; 16-row tiles use mma
+            assert r["wgmma"], r
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_all()))

@@ -1,5 +1,6 @@
 """Reproduce the reference MolmoE numbers on the golden tiny model through the public API."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from molmo_fast.config import DropoutConfig
 from molmo_fast.model.moe import route
 from molmo_fast.model.molmoe import MolmoE
 
@@ -104,10 +106,16 @@ def test_batch_with_padded_crops(model, cases):
         ids[b, : row_ids.shape[1]] = row_ids[0]
         n = kw["images"].shape[1]
         images[b, :n], masks[b, :n], idx[b, :n] = kw["images"][0], kw["image_masks"][0], kw["image_input_idx"][0]
-    out = model(ids, images, masks, idx)
+    out = model(ids, images, masks, idx)  # eval: the ViT skips the padding crop
     for b, case in enumerate(("single_image", "single_image_b")):
         L = rows[b][0].shape[1]
         assert (out.logits[b, :L] - cases[f"{case}.logits"]).abs().max() < ATOL
+    # Training mode (dropout off to compare): static shapes, every crop through the ViT, padding zeroed afterwards.
+    no_dropout = MolmoE(dataclasses.replace(model.config, dropout=DropoutConfig()))
+    no_dropout.load_state_dict(model.state_dict())
+    trained = no_dropout.train()(ids, images, masks, idx)
+    torch.testing.assert_close(trained.image_features, out.image_features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trained.logits, out.logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -104,7 +104,7 @@ def dense_reference(moe: MoE, x_TD, k):
 
 @pytest.fixture(scope="module")
 def model():
-    return MolmoE.from_config_on_meta(MolmoEConfig.from_name("tiny")).init_weights(seed=1)
+    return MolmoE.from_config_on_meta(MolmoEConfig.from_name("tiny")).init_weights(seed=1).eval()
 
 
 @torch.no_grad()
@@ -204,3 +204,19 @@ def test_aux_loss_in_training(model):
     assert m.llm.blocks[0].moe.router.weight.grad.abs().sum() > 0
     assert model.train()(ids).aux_loss is None  # weights 0 by default
     model.eval()
+
+
+def test_active_params_follow_top_k_and_skipped_blocks(model):
+    cfg = model.config
+    per_expert = 3 * cfg.moe.hidden_size * cfg.llm.d_model
+    full = model.num_parameters(active=True)
+    assert model.num_parameters() - full == (cfg.moe.num_experts - cfg.moe.top_k) * per_expert * cfg.llm.n_layers
+    try:
+        knobs.set_top_k(model, 1)
+        assert full - model.num_parameters(active=True) == (cfg.moe.top_k - 1) * per_expert * cfg.llm.n_layers
+        knobs.set_skip_blocks(model, [0])
+        block_0 = sum(p.numel() for p in model.llm.blocks[0].parameters())
+        assert knobs.describe(model)["params_active"] == model.num_parameters() - block_0 - (
+            cfg.moe.num_experts - 1) * per_expert * (cfg.llm.n_layers - 1)
+    finally:
+        knobs.Knobs(top_k=cfg.moe.top_k, skip_blocks=[]).apply(model)

@@ -15,16 +15,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 from tqdm import tqdm
 
 from molmo_fast.data.shards import ShardSetWriter
-from molmo_fast.data.sources import HF_SOURCES, HFSource, get_source, list_sources
 from molmo_fast.data.sources.download import Fetch, ImageFetcher, url_fetch
-from molmo_fast.data.sources.hf import iter_records, load_rows, with_raw_images
+from molmo_fast.data.sources.hf import HFSource, iter_records, load_rows, with_raw_images
+from molmo_fast.data.sources.registry import HF_SOURCES, get_source, list_sources
 from molmo_fast.data.sources.synthetic import ensure_synthetic_shards
+
+if TYPE_CHECKING:
+    import datasets
 
 
 def build_hf(
@@ -39,6 +41,7 @@ def build_hf(
     cache_dir: str | Path | None = None,
     shard_size: int = 1000,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> dict[str, Any]:
     """Convert one split of a HF source into shards; returns the build summary (also saved in info.json)."""
     split = split or source.default_split
@@ -46,7 +49,7 @@ def build_hf(
     fetcher = None
     if source.url_column is not None:
         cache = Path(cache_dir) if cache_dir is not None else Path(out_dir).parent / "image_cache"
-        fetcher = ImageFetcher(cache, fetch=fetch or url_fetch(source.verify_ssl))
+        fetcher = ImageFetcher(cache, fetch=fetch or url_fetch(source.verify_ssl), retry_failed=retry_failed)
     total = len(rows) if limit is None else min(limit, len(rows))
     lost: dict[str, int] = {}
     bar = tqdm(total=total, desc=f"{source.name}/{split}", unit="row", disable=not progress)
@@ -63,7 +66,8 @@ def build_hf(
 
 def build(name: str, out_dir: str | Path, split: str | None = None, input_path: str | None = None,
           limit: int | None = None, workers: int = 8, seed: int = 0, image_size: int = 224,
-          cache_dir: str | None = None, shard_size: int = 1000, progress: bool = True) -> dict[str, Any]:
+          cache_dir: str | None = None, shard_size: int = 1000, progress: bool = True,
+          retry_failed: bool = False) -> dict[str, Any]:
     source = get_source(name)
     if isinstance(source, str):
         n = 1000 if limit is None else limit
@@ -71,7 +75,7 @@ def build(name: str, out_dir: str | Path, split: str | None = None, input_path: 
                                 shard_size=shard_size)
         return {"rows": n, "examples": n, "rows_lost": {}}
     return build_hf(source, out_dir, split, input_path, limit, workers, cache_dir=cache_dir, shard_size=shard_size,
-                    progress=progress)
+                    progress=progress, retry_failed=retry_failed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224, help="synthetic sources: image side in pixels")
     parser.add_argument("--cache", help="image download cache (default: OUT/../image_cache)")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--retry-failed", action="store_true", help="retry URLs recorded as failed by earlier runs")
     args = parser.parse_args(argv)
 
     if args.list:
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.source or not args.out:
         parser.error("--source and --out are required (or --list)")
     summary = build(args.source, args.out, args.split, args.input, args.limit, args.workers, args.seed,
-                    args.image_size, args.cache, args.shard_size)
+                    args.image_size, args.cache, args.shard_size, retry_failed=args.retry_failed)
     print(json.dumps(summary, indent=1), file=sys.stderr)
     lost = sum(summary["rows_lost"].values())
     if lost:

@@ -41,6 +41,8 @@ STATS_KEY = "data_stats"  # worker -> main process side channel inside each batc
 
 @dataclass
 class LoaderConfig:
+    """Batch shape and stream settings shared by the training and the eval loader (eval ignores the stream ones)."""
+
     batch_size: int  # per rank
     sequence_length: int
     max_crops: int | None = None
@@ -49,6 +51,7 @@ class LoaderConfig:
     shuffle_buffer: int = 500  # raw samples
     epoch_batches: int = 200  # batches of one stream between reseeds; bounds the replay cost of a resume
     max_consecutive_errors: int = 200
+    pin_memory: bool = False  # page-locked batches (a copy in a main-process thread) for async host-to-GPU copies
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "sequence_length", "shuffle_buffer", "epoch_batches", "max_consecutive_errors"):
@@ -69,7 +72,6 @@ class DataStats:
     """Counters a worker sends along with each batch; the main process sums them."""
 
     corrupt: int = 0
-    truncated: int = 0
     errors: list[str] = field(default_factory=list)
 
     def add_error(self, exn: BaseException) -> bool:
@@ -234,7 +236,8 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stream = _TrainStream(self.mixture, self.preprocess, self.cfg, self.rank, self.world_size, self.step)
         loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                            persistent_workers=False, prefetch_factor=2 if self.cfg.num_workers else None)
+                            prefetch_factor=2 if self.cfg.num_workers else None,
+                            pin_memory=self.cfg.pin_memory and torch.cuda.is_available())
         for batch in loader:
             self.step += 1
             yield _account(batch, self.stats, self.step)
@@ -353,6 +356,7 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         workers = min(self.cfg.num_workers, len(self))
-        loader = DataLoader(self.stream, batch_size=None, num_workers=workers)
+        loader = DataLoader(self.stream, batch_size=None, num_workers=workers,
+                            pin_memory=self.cfg.pin_memory and torch.cuda.is_available())
         for b, batch in enumerate(loader):
             yield _account(batch, self.stats, b)

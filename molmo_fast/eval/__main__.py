@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--top_k", type=lambda s: [int(k) for k in s.split(",")], help="MoE top-k: K or K0,K1,...")
+    p.add_argument("--knob", dest="knobs", action="append", help="runtime knob KEY=VALUE (molmo_fast.knobs), e.g. "
+                   "routing=top_p:0.9 or skip_blocks=3,7; repeatable")
     p.add_argument("--max_crops", type=int)
     p.add_argument("--max_new_tokens", type=int)
     p.add_argument("--loss", action="store_true", default=None, help="teacher-forced loss/accuracy instead")

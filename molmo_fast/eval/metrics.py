@@ -170,7 +170,7 @@ def select_option(prediction: str, options: Sequence[str]) -> int:
     """Index of the option a free-form answer names.
 
     Order: the option letter ("B", "(B)", "B. text"), the exact option text, a unique prefix/substring match
-    (Molmo's select_mc_option), then the smallest edit distance.
+    (Molmo's select_mc_option), a unique option inside the answer, then the smallest edit distance.
     """
     letter = _LETTER.match(prediction.strip())
     if letter:
@@ -181,7 +181,10 @@ def select_option(prediction: str, options: Sequence[str]) -> int:
     opts = [o.lower().strip() for o in options]
     if target in opts:
         return opts.index(target)
-    for matches in (lambda o: target.startswith(o), lambda o: o.startswith(target), lambda o: target in o):
+    # Molmo's three prefix/substring rules, then (ours, before falling back to edit distance) an option quoted
+    # inside a longer answer.
+    for matches in (lambda o: target.startswith(o), lambda o: o.startswith(target), lambda o: target in o,
+                    lambda o: o in target):
         hits = [i for i, o in enumerate(opts) if matches(o)]
         if len(hits) == 1:
             return hits[0]
@@ -312,7 +315,8 @@ def pointing_scores(
     points the score is 1 iff nothing is predicted.
     """
     width, height = image_size
-    pred = parse_points(prediction, image_size)
+    # Molmo drops points beyond 100% of the image as invalid output.
+    pred = [(x, y) for x, y in parse_points(prediction, image_size) if x <= width and y <= height]
     gts = [(float(x), float(y)) for x, y in gt_points]
     if not gts:
         score = float(not pred)

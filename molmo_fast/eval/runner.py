@@ -6,13 +6,15 @@ TensorBoard scalars `eval/{task}/{metric}`. Ranks split each shard set with the 
 (every example exactly once) and append to `predictions.rank{R}.jsonl` after every batch; rank 0 merges them.
 An interrupted run resumes by skipping the ids already written, provided the settings are unchanged.
 Loss mode (`loss=True`) instead reports teacher-forced loss and token accuracy in `OUT/{task}_loss/`.
+Runtime knobs (MoE top-k, routing, skipped blocks, crops, generation length) are applied once and recorded in
+every task's settings, so an accuracy-vs-cost sweep is one command per setting.
 """
 
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import gin
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from molmo_fast import knobs
@@ -50,6 +53,7 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "float32"  # Molmo evaluates in fp32
     top_k: int | list[int] | None = None  # MoE experts per token (knob); None = the checkpoint's
+    knobs: list[str] = field(default_factory=list)  # molmo_fast.knobs strings: "routing=top_p:0.9", "skip_blocks=3"
     max_crops: int | None = None  # overrides every task's crop setting (knob)
     max_new_tokens: int | None = None  # overrides every task's generation length
     loss: bool = False
@@ -64,6 +68,10 @@ class EvalConfig:
             raise ValueError("EvalConfig.tasks is required, e.g. 'chart_qa,doc_qa' or 'synthetic'")
         if self.dtype not in DTYPES:
             raise ValueError(f"EvalConfig.dtype = {self.dtype!r}, expected one of {sorted(DTYPES)}")
+        parsed = knobs.Knobs.parse(self.knobs)
+        for name in ("top_k", "max_crops", "max_new_tokens"):  # a knob string fills an unset explicit field
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(parsed, name))
         for name in ("batch_size", "max_examples", "max_crops", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -99,17 +107,27 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 def _checkpoint_step(hf_dir: Path) -> int:
-    for part in (hf_dir.parent.name, hf_dir.name):
-        if part.startswith("step_") and part[5:].isdigit():
-            return int(part[5:])
+    """The training step an HF dir came from (its step_N parent, or a run's latest checkpoint for RUN_DIR/hf)."""
+    parent = hf_dir.parent
+    if parent.name.startswith("step_") and parent.name[5:].isdigit():
+        return int(parent.name[5:])
+    if hf_dir.name == "hf" and (parent / "checkpoints").is_dir():
+        from molmo_fast.train.checkpoint import checkpoint_dirs
+
+        steps = checkpoint_dirs(parent)
+        return steps[-1][0] if steps else 0
     return 0
 
 
 # ------------------------------------------------------------------------------------------------- setup
 def _distributed(cfg: EvalConfig) -> tuple[int, int, torch.device]:
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"EvalConfig.device = {cfg.device!r}, but CUDA is not available (use 'cpu' or 'auto')")
     cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    if cfg.fsdp and not dist.is_initialized():
+        raise ValueError("EvalConfig.fsdp needs a process group: launch with torchrun --nproc_per_node=N")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if cfg.device not in ("auto", "cuda"):
         return rank, world, torch.device(cfg.device)
@@ -140,9 +158,20 @@ def load_model(cfg: EvalConfig, device: torch.device, rank: int = 0, world: int 
     else:
         model = MolmoE.from_pretrained(hf_dir, dtype=dtype, device=device)
     model.eval()
-    if cfg.top_k is not None:
-        knobs.set_top_k(model, cfg.top_k)
+    parsed = knobs.Knobs.parse(cfg.knobs)
+    knobs.Knobs(top_k=cfg.top_k, routing=parsed.routing, skip_blocks=parsed.skip_blocks).apply(model)
     return model, Preprocessor.from_pretrained(hf_dir), hf_dir
+
+
+@dataclass
+class _TaskPreprocess:
+    """What the loader's workers call: the task's prompt style, then the checkpoint's preprocessor (picklable)."""
+
+    task: Task
+    preprocessor: Preprocessor
+
+    def __call__(self, example: dict, rng=None, for_inference: bool = False) -> dict:
+        return self.preprocessor(self.task.prompt_example(example), rng=rng, for_inference=for_inference)
 
 
 def _shard_dir(task: Task, cfg: EvalConfig, rank: int, world: int) -> Path:
@@ -197,10 +226,16 @@ def _read_rows(task_dir: Path) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------- generation
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
 def _gold(task: Task, ex: dict) -> Any:
     if task.metric == "pointing":
         return ex["points"]
-    if task.metric == "count":
+    if task.metric == "count" and ex.get("count") is not None:
         return [str(ex["count"])]
     if "answers" in ex:
         return ex["answers"]
@@ -233,13 +268,16 @@ def generate_task(task: Task, model: MolmoE, pre: Preprocessor, cfg: EvalConfig,
                   rank: int, world: int, device: torch.device) -> None:
     """This rank's share of the task, appended to predictions.rank{rank}.jsonl (ids already scored are skipped)."""
     done = set(_read_rows(task_dir))
-    loader = EvalLoader(shard_dir, pre, LoaderConfig(cfg.batch_size, task.sequence_length,
-                                                     num_workers=cfg.num_workers),
+    loader = EvalLoader(shard_dir, _TaskPreprocess(task, pre),
+                        LoaderConfig(cfg.batch_size, task.sequence_length, num_workers=cfg.num_workers),
                         rank, world, for_inference=True, limit=cfg.max_examples)
     dtype = next(model.parameters()).dtype
     eos = _NEVER_EOS if cfg.fsdp else pre.tokenizer.eos_id
     max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
-    with open(task_dir / f"predictions.rank{rank}.jsonl", "a") as out:
+    pred_file = task_dir / f"predictions.rank{rank}.jsonl"
+    with open(pred_file, "a") as out:
+        if out.tell() and _last_byte(pred_file) != b"\n":
+            out.write("\n")  # a killed run may have left half a line; start ours on a fresh one
         for batch in tqdm(loader, desc=task.name, disable=rank != 0, unit="batch"):
             metas = batch["metadata"]
             todo = [i for i, m in enumerate(metas) if not m.get("padding") and m["id"] not in done]
@@ -285,8 +323,8 @@ def finalize_task(task: Task, task_dir: Path, settings: dict, elapsed_s: float) 
 def loss_task(task: Task, model: MolmoE, pre: Preprocessor, cfg: EvalConfig, shard_dir: Path, rank: int, world: int,
               device: torch.device) -> dict[str, float]:
     """Teacher-forced cross-entropy and argmax accuracy over the loss-masked tokens, summed over ranks."""
-    loader = EvalLoader(shard_dir, pre, LoaderConfig(cfg.batch_size, task.sequence_length,
-                                                     num_workers=cfg.num_workers),
+    loader = EvalLoader(shard_dir, _TaskPreprocess(task, pre),
+                        LoaderConfig(cfg.batch_size, task.sequence_length, num_workers=cfg.num_workers),
                         rank, world, for_inference=False, limit=cfg.max_examples)
     dtype = next(model.parameters()).dtype
     sums = torch.zeros(5, dtype=torch.float64)  # weighted CE, mask weight, correct tokens, loss tokens, examples
@@ -356,8 +394,6 @@ def run(cfg: EvalConfig) -> list[dict[str, Any]]:
 
 
 def _write_outputs(out_dir: Path, results: list[dict[str, Any]], step: int) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     summary_file = out_dir / "metrics.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     with SummaryWriter(str(out_dir / "tb")) as writer:

@@ -13,7 +13,8 @@ from molmo_fast.eval import metrics as M
 
 Scorer = Callable[[str, dict[str, Any]], dict[str, float | None]]
 
-# Molmo's eval settings: low-res = the checkpoint's own max_crops and sequence length; high-res = 36 crops, 4096.
+# Molmo's eval resolution: low-res = the checkpoint's own max_crops (12 for MolmoE-1B) with sequences of 1536;
+# high-res = 36 crops with sequences of 4096.
 HIGH_RES_MAX_CROPS = 36
 HIGH_RES_SEQ_LEN = 4096
 LOW_RES_SEQ_LEN = 1536
@@ -28,10 +29,6 @@ def _answers(example: dict) -> list[str]:
 
 def _vqa(pred: str, ex: dict) -> dict:
     return {"vqa_score": M.vqa_score(M.clean_prediction(pred), _answers(ex))}
-
-
-def _a_okvqa_da(pred: str, ex: dict) -> dict:
-    return {"a_okvqa_score": M.a_okvqa_score(M.clean_prediction(pred), _answers(ex))}
 
 
 def _relaxed(pred: str, ex: dict) -> dict:
@@ -63,12 +60,22 @@ def _mc_ai2d(pred: str, ex: dict) -> dict:
     return {"mc_ai2d_transparent": None if skip else score, "mc": score}
 
 
+_RWQA_MC_INSTRUCTION = "Please answer directly with only the letter of the correct option"
+
+
+def _is_multiple_choice(ex: dict) -> bool:
+    """RealWorldQA marks its multiple-choice questions only by their instruction line (as Molmo detects them)."""
+    meta_type = ex.get("metadata", {}).get("question_type")
+    return "options" in ex or meta_type in ("multiple_choice", "multi_choice", "multiple-choice") or (
+        _RWQA_MC_INSTRUCTION in ex.get("question", ""))
+
+
 def _real_world_qa(pred: str, ex: dict) -> dict:
     pred = M.clean_prediction(pred)
     answer = _answers(ex)[0]
     if "options" in ex:
         return {"real_world_qa_score": M.multiple_choice(pred, ex["options"], ex["answer_idx"])}
-    if ex.get("metadata", {}).get("question_type") == "multiple_choice":
+    if _is_multiple_choice(ex):
         letters = ["A", "B", "C", "D"]
         return {"real_world_qa_score": M.multiple_choice(pred, letters, letters.index(answer.strip().upper()))}
     return {"real_world_qa_score": float(M.normalize_vqa_answer(pred) == M.normalize_vqa_answer(answer))}
@@ -93,14 +100,26 @@ def _math_vista(pred: str, ex: dict) -> dict:
     return {"math_vista_score": score}
 
 
+def _true_count(ex: dict) -> int:
+    count = ex.get("count")
+    if count is None:  # CountBenchQA stores its number as the answer
+        count = ex.get("metadata", {}).get("count", _answers(ex)[0])
+    return int(count)
+
+
 def _count(pred: str, ex: dict) -> dict:
-    parsed, gold = M.parse_count(pred), int(ex["count"])
+    parsed, gold = M.parse_count(pred), _true_count(ex)
     return {"correct": float(parsed == gold), "close": float(parsed is not None and abs(parsed - gold) <= 1),
             "valid": float(parsed is not None)}
 
 
 def _pointing(pred: str, ex: dict) -> dict:
     masks = ex.get("metadata", {}).get("masks")
+    if isinstance(masks, dict):  # PixMo-Points-Eval shards pack the masks
+        # imported here: the sources package pulls in `datasets`, which plain eval never needs
+        from molmo_fast.data.sources.pixmo import unpack_masks
+
+        masks = list(unpack_masks(masks))
     return M.pointing_scores(pred.strip(), ex["points"], ex["image_size"], masks=masks)
 
 
@@ -110,15 +129,20 @@ def _clock(pred: str, ex: dict) -> dict:
 
 
 SCORERS: dict[str, Scorer] = {
-    "vqa": _vqa, "a_okvqa_da": _a_okvqa_da, "relaxed_correctness": _relaxed, "anls": _anls, "mc": _mc,
+    "vqa": _vqa, "relaxed_correctness": _relaxed, "anls": _anls, "mc": _mc,
     "mc_ai2d": _mc_ai2d, "real_world_qa": _real_world_qa, "mmmu": _mmmu, "math_vista": _math_vista,
     "count": _count, "pointing": _pointing, "clock": _clock,
 }
 
 
+# Task.style value for benchmarks that mix question kinds: Molmo's eval styles, chosen per example.
+BY_QUESTION_TYPE = "eval_by_question_type"
+
+
 @dataclass(frozen=True)
 class Task:
-    """One benchmark. `style` None keeps each example's own style (tasks mixing MC and short answers)."""
+    """One benchmark. `style` replaces each example's style at inference (None keeps the shard's;
+    BY_QUESTION_TYPE picks eval_multiple_choice / eval_short_answer per example, as Molmo does)."""
 
     name: str
     source: str
@@ -149,26 +173,36 @@ class Task:
     def score(self, prediction: str, example: dict[str, Any]) -> dict[str, float | None]:
         return SCORERS[self.metric](prediction, example)
 
+    def prompt_example(self, example: dict[str, Any]) -> dict[str, Any]:
+        """The example as the model should be prompted for this task."""
+        if self.style is None:
+            return example
+        style = self.style
+        if style == BY_QUESTION_TYPE:
+            style = "eval_multiple_choice" if _is_multiple_choice(example) else "eval_short_answer"
+        return {**example, "style": style}
+
 
 _TASKS = [
     # The eleven benchmarks of the paper (published MolmoE-1B scores, REFERENCE.md §5).
     Task("ai2d", "ai2d", "test", "mc_ai2d", "mc_ai2d_transparent", "ai2_diagram", paper_score=86.4),
     Task("chart_qa", "chart_qa", "test", "relaxed_correctness", "relaxed_correctness", "chart_qa", paper_score=78.0),
-    Task("vqa2", "vqa2", "validation", "vqa", "vqa_score", "vqa2", paper_score=83.9),
-    Task("doc_qa", "doc_qa", "validation", "anls", "anls", "doc_qa", paper_score=77.7),
-    Task("info_qa", "info_qa", "validation", "anls", "anls", "info_qa", paper_score=53.9),
+    Task("vqa2", "vqa_v2", "validation", "vqa", "vqa_score", "vqa2", paper_score=83.9),
+    Task("doc_qa", "doc_vqa", "validation", "anls", "anls", "doc_qa", paper_score=77.7),
+    Task("info_qa", "info_vqa", "validation", "anls", "anls", "info_qa", paper_score=53.9),
     Task("text_vqa", "text_vqa", "validation", "vqa", "vqa_score", "text_vqa", paper_score=78.8),
-    Task("real_world_qa", "real_world_qa", "test", "real_world_qa", "real_world_qa_score", None, paper_score=60.4),
-    Task("mmmu", "mmmu", "validation", "mmmu", "mmmu_score", None, paper_score=34.9),
-    Task("math_vista", "math_vista", "testmini", "math_vista", "math_vista_score", None, paper_score=34.0),
-    Task("countbench_qa", "countbench_qa", "test", "count", "correct", "point_count", max_new_tokens=192,
+    Task("real_world_qa", "real_world_qa", "test", "real_world_qa", "real_world_qa_score", BY_QUESTION_TYPE,
+         paper_score=60.4),
+    Task("mmmu", "mmmu", "validation", "mmmu", "mmmu_score", BY_QUESTION_TYPE, paper_score=34.9),
+    Task("math_vista", "math_vista", "testmini", "math_vista", "math_vista_score", BY_QUESTION_TYPE,
+         paper_score=34.0),
+    Task("countbench_qa", "count_bench_qa", "test", "count", "correct", "point_count", max_new_tokens=192,
          high_res=False, paper_score=87.2),
     Task("pixmo_count", "pixmo_count", "test", "count", "correct", "point_count", max_new_tokens=192,
          high_res=False, paper_score=79.6),
     # Further academic and PixMo evaluations.
-    Task("okvqa", "okvqa", "validation", "vqa", "vqa_score", "okvqa"),
-    Task("a_okvqa_mc", "a_okvqa_mc", "validation", "mc", "mc", "a_okvqa_mc"),
-    Task("a_okvqa_da", "a_okvqa_da", "validation", "a_okvqa_da", "a_okvqa_score", "a_okvqa_da"),
+    Task("okvqa", "ok_vqa", "validation", "vqa", "vqa_score", "okvqa"),
+    Task("a_okvqa_mc", "a_okvqa", "validation", "mc", "mc", "a_okvqa_mc"),
     Task("science_qa_img", "science_qa_img", "test", "mc", "mc", "science_qa"),
     Task("pixmo_points_eval", "pixmo_points_eval", "test", "pointing", "f1", "pointing", max_new_tokens=192),
     # Synthetic sets (no network): generated on first use; low-res so that a tiny demo model scores them.

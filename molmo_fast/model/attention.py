@@ -1,6 +1,7 @@
 """LLM self-attention: fused qkv projection, full-width QK-norm, llama RoPE, SDPA, optional GQA, KV cache.
 
-Masks are built once per forward by `build_attention_mask` and shared by all blocks.
+Masks are built once per forward by `build_attention_mask` and shared by all blocks; a `None` mask means plain
+causal attention (`is_causal=True`, which lets SDPA pick its flash / memory-efficient kernels).
 """
 
 import torch
@@ -67,30 +68,30 @@ class KVCache:
         return cache_k[:, :, :end], cache_v[:, :, :end]
 
 
-def build_attention_mask(valid_BS: torch.Tensor, past_valid_BS: torch.Tensor | None,
-                         subsegment_ids_BS: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean SDPA mask [B, 1, S, S_past + S] (True = attend) and the key validity [B, S_past + S].
+def build_attention_mask(key_valid_BK: torch.Tensor, q_len: int, subsegment_ids_BS: torch.Tensor | None,
+                         ) -> torch.Tensor:
+    """Boolean SDPA mask [B, 1, q_len, K] (True = attend) for the last `q_len` of K positions (the rest: cache).
 
     Causal + key padding (+ subsegments: query i sees key j iff subseg[i] <= subseg[j]). Every query may see
     itself so fully padded rows stay finite (their outputs are never used).
     """
-    B, S = valid_BS.shape
-    past_len = 0 if past_valid_BS is None else past_valid_BS.shape[1]
-    key_valid = valid_BS if past_len == 0 else torch.cat([past_valid_BS, valid_BS], dim=1)
-    q_pos = torch.arange(S, device=valid_BS.device).unsqueeze(1) + past_len
-    k_pos = torch.arange(past_len + S, device=valid_BS.device).unsqueeze(0)
-    mask = (k_pos <= q_pos).unsqueeze(0) & key_valid.unsqueeze(1)
+    K = key_valid_BK.shape[1]
+    past_len = K - q_len
+    q_pos = torch.arange(past_len, K, device=key_valid_BK.device).unsqueeze(1)
+    k_pos = torch.arange(K, device=key_valid_BK.device).unsqueeze(0)
+    mask = (k_pos <= q_pos).unsqueeze(0) & key_valid_BK.unsqueeze(1)
     if subsegment_ids_BS is not None:
         if past_len:
             raise ValueError("subsegment_ids cannot be combined with a KV cache")
         mask = mask & (subsegment_ids_BS.unsqueeze(2) <= subsegment_ids_BS.unsqueeze(1))
     mask = mask | (k_pos == q_pos).unsqueeze(0)
-    return mask.unsqueeze(1), key_valid
+    return mask.unsqueeze(1)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, dropout_p: float = 0.0):
         super().__init__()
+        self.dropout_p = dropout_p  # on the attention probabilities, training only
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         kv_dim = cfg.n_kv_heads * cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=False)  # rows: [q; k; v]
@@ -98,7 +99,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(kv_dim, cfg.norm_eps)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, S, D = x_BSD.shape
         kv_dim = self.n_kv_heads * self.head_dim
@@ -110,6 +111,7 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             dropout_p=self.dropout_p if self.training else 0.0,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
         return self.out(out.transpose(1, 2).reshape(B, S, D))

@@ -1,8 +1,8 @@
 """Vision connector: ViT features -> LLM-width image tokens.
 
-Stage order: pad embeddings by patch mask (`pad_and_partial_pad`) -> non-overlapping pool_h x pool_w windows ->
-attention pooling with the window mean as the query (`attention-meanq`: biases, no residual, no norm) -> SwiGLU
-projector to d_model.
+Stage order: pad embeddings by patch mask (`pad_and_partial_pad`) -> image feature dropout (training only) ->
+non-overlapping pool_h x pool_w windows -> attention pooling with the window mean as the query (`attention-meanq`:
+biases, no residual, no norm) -> SwiGLU projector to d_model.
 """
 
 import math
@@ -33,6 +33,7 @@ class Connector(nn.Module):
         feat_dim = v.emb_dim * len(c.vit_layers)
         self.patch_grid = v.patch_grid
         self.pool_hw = (c.pool_h, c.pool_w)
+        self.feature_dropout = cfg.dropout.image_feature
         self.pad_embed = nn.Parameter(torch.empty(2, feat_dim))
         self.pool = VitAttention(feat_dim, v)  # same attention as the ViT's, queried by the window mean
         self.projector = Projector(v.emb_dim, cfg.moe.hidden_size, cfg.llm.d_model)
@@ -51,6 +52,7 @@ class Connector(nn.Module):
             partial = ((masks_NP < 1) & (masks_NP != 0)).unsqueeze(-1)
             pad = self.pad_embed.to(feats_NPC.dtype)
             feats_NPC = feats_NPC + full * pad[0] + partial * pad[1]
+        feats_NPC = F.dropout(feats_NPC, self.feature_dropout, self.training)
         N, _, C = feats_NPC.shape
         (h, w), (ph, pw) = self.patch_grid, self.pool_hw
         grid = feats_NPC.view(N, h, w, C)

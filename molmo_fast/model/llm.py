@@ -1,15 +1,19 @@
 """OLMoE decoder: embeddings (with additional vocab), pre-norm attention + MoE blocks, final norm, LM head.
 
 Image features are added (not substituted) to the embeddings at `image_input_idx` before the first block.
+Dropout (training only, rates from `MolmoEConfig.dropout`): embeddings after the image features are added, the
+attention probabilities, and each block's attention / MoE output before its residual add.
 """
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from molmo_fast.config import MolmoEConfig
 from molmo_fast.model.attention import Attention, KVCache, RMSNorm, build_attention_mask, rope_cos_sin
+from molmo_fast.model.dropout import ResidualDropout
 from molmo_fast.model.moe import MoE, load_balancing_loss, router_z_loss
 
 
@@ -24,10 +28,10 @@ class Embedding(nn.Module):
     def forward(self, ids_BS: torch.Tensor) -> torch.Tensor:
         ids_BS = ids_BS.clamp_min(0)  # -1 padding reads row 0 (masked downstream)
         n = self.embedding.shape[0]
-        base = nn.functional.embedding(ids_BS.clamp_max(n - 1), self.embedding)
+        base = F.embedding(ids_BS.clamp_max(n - 1), self.embedding)
         if self.new_embedding is None:
             return base
-        extra = nn.functional.embedding((ids_BS - n).clamp(0, self.new_embedding.shape[0] - 1), self.new_embedding)
+        extra = F.embedding((ids_BS - n).clamp(0, self.new_embedding.shape[0] - 1), self.new_embedding)
         return torch.where((ids_BS >= n).unsqueeze(-1), extra, base)
 
 
@@ -35,14 +39,15 @@ class Block(nn.Module):
     def __init__(self, cfg: MolmoEConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.llm.d_model, cfg.llm.norm_eps)
-        self.attn = Attention(cfg.llm)
+        self.attn = Attention(cfg.llm, cfg.dropout.attention)
         self.ffn_norm = RMSNorm(cfg.llm.d_model, cfg.llm.norm_eps)
         self.moe = MoE(cfg.llm, cfg.moe)
+        self.dropout = ResidualDropout(cfg.dropout.residual, cfg.dropout.response_residual)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, top_k=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, top_k=None, response_mask=None):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer), response_mask)
         y, router_logits, expert_idx = self.moe(self.ffn_norm(x), top_k)
-        return x + y, router_logits, expert_idx
+        return x + self.dropout(y, response_mask), router_logits, expert_idx
 
 
 @dataclass
@@ -68,7 +73,8 @@ class LLM(nn.Module):
                 image_input_idx_BM: torch.Tensor | None = None, position_ids_BS: torch.Tensor | None = None,
                 subsegment_ids_BS: torch.Tensor | None = None, past_key_values: KVCache | None = None,
                 use_cache: bool = False, output_router_logits: bool = False,
-                top_k: int | list | torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> LLMOutput:
+                top_k: int | list | torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                right_padded: bool = False, response_mask_BS: torch.Tensor | None = None) -> LLMOutput:
         valid_BS = input_ids_BS != -1
         x = self.wte(input_ids_BS)
         if image_features_BMD is not None:
@@ -77,6 +83,7 @@ class LLM(nn.Module):
             keep = (image_input_idx_BM >= 0).unsqueeze(-1)
             idx = image_input_idx_BM.clamp_min(0).long().unsqueeze(-1).expand(-1, -1, x.shape[-1])
             x = x.scatter_add(1, idx, (image_features_BMD * keep).to(x.dtype))
+        x = F.dropout(x, self.cfg.dropout.embedding, self.training)
         cache = past_key_values if past_key_values is not None or not use_cache else KVCache(len(self.blocks))
         past_valid = cache.key_valid_BS if cache is not None and cache.length else None
         if position_ids_BS is None:
@@ -84,7 +91,12 @@ class LLM(nn.Module):
                 raise ValueError("position_ids are required when decoding with past_key_values")
             position_ids_BS = (valid_BS.cumsum(-1) - 1).clamp_min(0)
         cos, sin = rope_cos_sin(position_ids_BS, self.cfg.llm.head_dim, self.cfg.llm.rope_theta)
-        mask, key_valid = build_attention_mask(valid_BS, past_valid, subsegment_ids_BS)
+        key_valid = valid_BS if past_valid is None else torch.cat([past_valid, valid_BS], dim=1)
+        if right_padded and past_valid is None and subsegment_ids_BS is None:
+            # Every valid query's keys 0..i are valid, so plain causal attention is exact where it matters.
+            mask = None
+        else:
+            mask = build_attention_mask(key_valid, valid_BS.shape[1], subsegment_ids_BS)
 
         per_layer_k = top_k if isinstance(top_k, (list, tuple)) else [top_k] * len(self.blocks)
         weights = self.cfg.moe
@@ -93,7 +105,7 @@ class LLM(nn.Module):
         for i, block in enumerate(self.blocks):
             if i in self.skip_blocks:
                 continue
-            x, logits_TE, idx_TK = block(x, cos, sin, mask, cache, i, per_layer_k[i])
+            x, logits_TE, idx_TK = block(x, cos, sin, mask, cache, i, per_layer_k[i], response_mask_BS)
             if output_router_logits:
                 router_logits.append(logits_TE)
             if want_aux:

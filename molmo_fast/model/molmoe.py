@@ -53,22 +53,38 @@ class MolmoE(nn.Module):
             raise ValueError(f"images must be [batch, crops, patches, patch_dim], got shape {list(images.shape)}")
         B, N, P, C = images.shape
         crops = images.reshape(B * N, P, C)
-        hidden = self.vit(crops, num_layers=max(self.vit_layer_idx) + 1)
-        feats = torch.cat([hidden[i] for i in self.vit_layer_idx], dim=-1)[:, 1:]
         is_pad_crop = (crops == -1).all(dim=-1).all(dim=-1)  # batch-padding crops are all -1
-        feats = feats * (~is_pad_crop).to(feats.dtype).view(-1, 1, 1)
+        if self.training:
+            # Static shapes for compile: run every crop, zero the padding ones afterwards.
+            feats = self._vit_features(crops) * (~is_pad_crop).to(crops.dtype).view(-1, 1, 1)
+        else:
+            # Inference batches mix images with different crop counts; the ViT dominates prefill, so run it on
+            # the real crops only (one host sync) and leave the padding crops' features at zero.
+            keep = (~is_pad_crop).nonzero().squeeze(1)
+            real = self._vit_features(crops[keep])
+            feats = real.new_zeros(B * N, *real.shape[1:]).index_copy(0, keep, real)
         masks = image_masks.reshape(B * N, P) if image_masks is not None else None
         image_features = self.connector(feats, masks)
         return feats.view(B, N, P, -1), image_features.view(B, N, image_features.shape[1], -1)
+
+    def _vit_features(self, crops_NPC: torch.Tensor) -> torch.Tensor:
+        """Concat of the `vit_layers` hidden states, CLS dropped: [N, P, C * len(vit_layers)]."""
+        hidden = self.vit(crops_NPC, num_layers=max(self.vit_layer_idx) + 1)
+        return torch.cat([hidden[i] for i in self.vit_layer_idx], dim=-1)[:, 1:]
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
                 image_masks: torch.Tensor | None = None, image_input_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, subsegment_ids: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
                 output_router_logits: bool = False, top_k: int | list | torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> MolmoEOutput:
+                logits_at: torch.Tensor | None = None, right_padded: bool = False,
+                response_mask: torch.Tensor | None = None) -> MolmoEOutput:
         """`top_k` overrides the MoE top-k for this call: an int, a per-layer list, or a per-token [B, S] tensor.
         `logits_at` [B, n] computes logits only at those positions (-> [B, n, embedding_size]).
+        `right_padded=True` states that every row is its tokens followed only by -1 padding (collated training
+        batches); without subsegment_ids or a filled cache, attention then runs as plain causal SDPA (no mask,
+        flash kernels on GPU) -- exact at every valid position, padding positions' outputs differ.
+        `response_mask` [B, S] (loss_masks > 0) selects where `response_residual_dropout` applies in training.
         A given `past_key_values` cache is updated in place."""
         image_features = flat_features = flat_idx = None
         if images is not None and images.shape[1] > 0:
@@ -79,7 +95,7 @@ class MolmoE(nn.Module):
             flat_features = image_features.reshape(B, N * T, D)
             flat_idx = image_input_idx.reshape(B, N * T)
         out = self.llm(input_ids, flat_features, flat_idx, position_ids, subsegment_ids, past_key_values,
-                       use_cache, output_router_logits, top_k, logits_at)
+                       use_cache, output_router_logits, top_k, logits_at, right_padded, response_mask)
         return MolmoEOutput(out.logits, out.past_key_values, out.router_logits, out.aux_loss, image_features)
 
     generate = generate
@@ -160,14 +176,16 @@ class MolmoE(nn.Module):
         save_hf_safetensors(self.state_dict(), path, max_shard_size)
 
     def num_parameters(self, active: bool = False) -> int:
-        """All parameters, or those used per token (k_max of E experts in every MoE layer)."""
+        """All parameters, or those a token can use at the current knobs: the `top_k` experts of each MoE layer
+        (an upper bound under top_p / threshold routing), nothing of a skipped block."""
         total = sum(p.numel() for p in self.parameters())
         if not active:
             return total
-        for block in self.llm.blocks:
+        for i, block in enumerate(self.llm.blocks):
             moe = block.moe
+            if i in self.llm.skip_blocks:
+                total -= sum(p.numel() for p in block.parameters())
+                continue
             per_expert = (moe.w_gate_up.numel() + moe.w_down.numel()) // moe.num_experts
-            total -= per_expert * (moe.num_experts - moe.k_max)
+            total -= per_expert * (moe.num_experts - moe.k)
         return total
-
-

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
@@ -99,22 +100,19 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     return final
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Collective: restores model (+ optimizer and this rank's RNG) from a checkpoint dir; returns train_state."""
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Collective: restores model, optimizer and this rank's RNG from a checkpoint dir; returns train_state."""
     path = Path(path)
-    if optimizer is None:
-        model_sd = get_model_state_dict(model)
-        state = {"model": model_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"])
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rng = path / f"rng_rank{dist.get_rank()}.pt"
-        if rng.is_file():  # absent when resuming on more ranks than were saved: those ranks keep fresh seeds
-            _set_rng_state(torch.load(rng, weights_only=False))
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_state, optim_state = {"model": model_sd}, {"optim": optim_sd}
+    dcp.load(model_state, checkpoint_id=str(path))
+    # Parameters that never received a gradient (e.g. the ViT layer after the last one the connector reads)
+    # have no Adam state in the checkpoint; they keep the fresh zero state, which AdamW never touches either.
+    dcp.load(optim_state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_state_dict(model, optimizer, model_state_dict=model_state["model"], optim_state_dict=optim_state["optim"])
+    rng = path / f"rng_rank{dist.get_rank()}.pt"
+    if rng.is_file():  # absent when resuming on more ranks than were saved: those ranks keep fresh seeds
+        _set_rng_state(torch.load(rng, weights_only=False))
     return json.loads((path / "train_state.json").read_text())
 
 

@@ -23,9 +23,20 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
 
 
-def train_flops_per_token(n_active: int, n_layers: int, d_model: int, seq_len: int) -> float:
-    """6N for the matmuls plus the causal attention scores (forward + backward), per token."""
-    return 6 * n_active + 6 * n_layers * d_model * seq_len
+def step_flops(model, sequences: int, seq_len: int, crops: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of `sequences` padded sequences and `crops` real crops.
+
+    Matmuls count 6 per active parameter per token: LLM + connector parameters (experts at top_k/E) per text
+    token, ViT parameters per ViT token (patches + CLS of every crop). Attention scores add
+    6 * layers * width * length per token in the causal LLM and twice that in the bidirectional ViT.
+    """
+    cfg, v = model.config, model.config.vision
+    n_vit = sum(p.numel() for p in model.vit.parameters())
+    n_llm = model.num_parameters(active=True) - n_vit
+    text_tokens, vit_len = sequences * seq_len, v.num_patches + 1
+    vit_tokens = crops * vit_len
+    return (6 * n_llm * text_tokens + 6 * cfg.llm.n_layers * cfg.llm.d_model * seq_len * text_tokens
+            + 6 * n_vit * vit_tokens + 12 * v.num_layers * v.emb_dim * vit_len * vit_tokens)
 
 
 class MetricsLogger:
@@ -74,9 +85,10 @@ class Throughput:
         self.start = time.perf_counter()
         self.data_wait = 0.0
         self.tokens = 0
+        self.flops = 0.0
         self.steps = 0
 
     def window(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"elapsed_s": elapsed, "tokens_per_s": self.tokens / elapsed,
+        return {"elapsed_s": elapsed, "tokens_per_s": self.tokens / elapsed, "flops_per_s": self.flops / elapsed,
                 "data_wait_pct": 100.0 * self.data_wait / elapsed, "steps": self.steps}

@@ -32,7 +32,9 @@ def parallelize(model: nn.Module, device: torch.device, *, bf16: bool, activatio
             if activation_checkpointing:
                 checkpoint(block)
             if compile_blocks:
-                block.compile()
+                # Compile the forward only: the AC and FSDP hooks stay eager and parameter names keep no
+                # `_orig_mod` prefix, so checkpoints do not depend on the compile switch.
+                block.forward = torch.compile(block.forward)
             # The last block's params are needed right away by backward, so resharding it after forward is waste.
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)

@@ -7,7 +7,9 @@ world size or accumulation split. The LM z-loss and the MoE aux losses use the s
 """
 
 import datetime
+import math
 import os
+import resource
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from torch import nn
 from molmo_fast.train import checkpoint as ckpt
 from molmo_fast.train.config import Config
 from molmo_fast.train.data import TrainData, build_mixture, to_device, write_preprocessor_dir
-from molmo_fast.train.metrics import MetricsLogger, Throughput, peak_flops, train_flops_per_token
+from molmo_fast.train.metrics import MetricsLogger, Throughput, peak_flops, step_flops
 from molmo_fast.train.optim import build_optimizer, clip_grad_norms, set_learning_rates
 from molmo_fast.train.parallelize import parallelize
 
@@ -74,8 +76,10 @@ def prepare_run_dir(cfg: Config, env: Env, resuming: bool) -> Path:
     The run dir describes itself: config.gin (every binding), operative_config.gin (after the first step),
     git_revision.txt, model_config.json (HF format) and preprocessor/ (the exact preprocessing files)."""
     run_dir = Path(cfg.train.run_dir)
-    exists = run_dir.is_dir() and any(run_dir.iterdir())
-    if exists and not resuming:
+    # Rank 0's view, taken before anyone writes, decides for all ranks.
+    exists = [run_dir.is_dir() and any(run_dir.iterdir())]
+    dist.broadcast_object_list(exists, src=0)
+    if exists[0] and not resuming:
         raise SystemExit(f"molmo_fast.train: run directory {run_dir} already exists; pass --resume latest to "
                          f"continue it or choose another TrainConfig.run_dir")
     if env.is_main:
@@ -127,47 +131,36 @@ def build_model(cfg: Config, env: Env) -> nn.Module:
     return model.train()
 
 
-class LossPositionHead:
-    """Makes the LM head run on the loss positions only, through a forward pre-hook on `lm_head`.
+def micro_batch_loss(model: nn.Module, batch: dict, divisor: torch.Tensor, cfg: Config, n_micro: int,
+                     want_router: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list | None]:
+    """Loss of one micro-batch (already divided by the global divisor) and its detached parts.
 
-    Every loss term is masked to those positions, and in Molmo's data they are a small fraction of the sequence
-    (answers, not images or prompts), so this skips most of the largest matmul and of the [tokens, vocab] logits
-    memory. The model then returns logits of shape [n_positions, vocab]; parameter names are untouched.
+    The LM head runs at the loss positions only (`logits_at`): every loss term is masked to them, and in Molmo's
+    data they are a small part of the sequence (answers, not images or prompts), so this skips most of the
+    largest matmul and of the [tokens, vocab] logits memory. Rows are left-packed with their loss positions and
+    padded with weight-0 slots up to the longest row.
     """
-
-    def __init__(self, lm_head: nn.Module):
-        self.index: torch.Tensor | None = None
-        lm_head.register_forward_pre_hook(self._select)
-
-    def _select(self, module: nn.Module, args: tuple):
-        if self.index is None:
-            return None
-        return (args[0].flatten(0, -2).index_select(0, self.index),) + args[1:]
-
-
-def micro_batch_loss(model: nn.Module, head: LossPositionHead, batch: dict, divisor: torch.Tensor, cfg: Config,
-                     n_micro: int, want_router: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list | None]:
-    """Loss of one micro-batch (already divided by the global divisor) and its detached parts."""
-    labels = batch["labels"].flatten()
-    mask = batch["loss_masks"].flatten().clamp_min(0) * (labels >= 0)
-    head.index = mask.nonzero().squeeze(1)
-    labels, mask = labels[head.index], mask[head.index]
-    try:
-        out = model(input_ids=batch["input_ids"], images=batch.get("images"), image_masks=batch.get("image_masks"),
-                    image_input_idx=batch.get("image_input_idx"), position_ids=batch.get("position_ids"),
-                    subsegment_ids=batch.get("subsegment_ids"), output_router_logits=want_router)
-    finally:
-        head.index = None
-    logits = out.logits.float()  # [n_positions, vocab]
-    lm_loss = (F.cross_entropy(logits, labels, reduction="none") * mask).sum() / divisor
-    z_loss = (torch.logsumexp(logits, dim=-1).pow(2) * mask).sum() / divisor
+    mask_BS = batch["loss_masks"].clamp_min(0) * (batch["labels"] >= 0)
+    has_loss_BS = mask_BS > 0
+    n = max(int(has_loss_BS.sum(1).max()), 1)
+    at_Bn = torch.argsort(has_loss_BS.to(torch.int8), dim=1, descending=True, stable=True)[:, :n]
+    weight_Bn = mask_BS.gather(1, at_Bn)
+    labels_Bn = batch["labels"].gather(1, at_Bn).clamp_min(0)
+    out = model(input_ids=batch["input_ids"], images=batch.get("images"), image_masks=batch.get("image_masks"),
+                image_input_idx=batch.get("image_input_idx"), position_ids=batch.get("position_ids"),
+                subsegment_ids=batch.get("subsegment_ids"), output_router_logits=want_router, logits_at=at_Bn,
+                right_padded=True, response_mask=has_loss_BS)
+    logits = out.logits.float().flatten(0, 1)  # [B * n, vocab]
+    labels, weight = labels_Bn.flatten(), weight_Bn.flatten()
+    lm_loss = (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / divisor
+    z_loss = (torch.logsumexp(logits, dim=-1).pow(2) * weight).sum() / divisor
     loss = lm_loss + cfg.train.lm_zloss_weight * z_loss
     moe_aux = getattr(out, "aux_loss", None)
     if moe_aux is not None:
         # Per micro-batch means, averaged over the micro-batches of the step (as Molmo does).
         loss = loss + moe_aux / n_micro
     parts = {"lm_loss": lm_loss.detach(), "zloss": z_loss.detach(),
-             "correct": ((logits.argmax(-1) == labels).float() * mask).sum().detach() / divisor}
+             "correct": ((logits.argmax(-1) == labels).float() * weight).sum().detach() / divisor}
     if moe_aux is not None:
         parts["moe_aux_loss"] = moe_aux.detach() / n_micro
     return loss, parts, getattr(out, "router_logits", None)
@@ -204,7 +197,6 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     grad_accum = cfg.train.grad_accum_steps(env.world_size)
 
     model = build_model(cfg, env)
-    head = LossPositionHead(model.llm.lm_head)
     optimizer, by_group = build_optimizer(model, cfg.optim)
     start_step, state = 0, {}
     if resume_path is not None:
@@ -220,8 +212,6 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
     mcfg = model.config
     n_active = model.num_parameters(active=True)
-    flops_per_token = train_flops_per_token(n_active, mcfg.llm.n_layers, mcfg.llm.d_model,
-                                            cfg.data.sequence_length)
     peak = peak_flops(env.device, cfg.train.peak_flops)
     logger = MetricsLogger(run_dir, env.is_main, purge_step=start_step + 1 if resume_path else None)
     if env.is_main and start_step == 0:
@@ -241,8 +231,16 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         log_now = step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.max_steps
         t0 = time.perf_counter()
-        micro_batches = [to_device(b, env.device) for b in data.next_step()]
+        # The DataLoader draws its base seed from the global RNG when it starts; keep that out of the training
+        # stream (dropout) so a resumed run continues the exact RNG sequence of the checkpoint.
+        with torch.random.fork_rng(devices=[]):
+            micro_batches = data.next_step()
         meter.data_wait += time.perf_counter() - t0
+        # Real crops (not batch padding) set the ViT's share of the FLOPs; counted on the host copy, no sync.
+        crops = sum(int((b["images"] != -1).any(-1).any(-1).sum()) for b in micro_batches if "images" in b)
+        meter.flops += step_flops(model, cfg.train.micro_batch_size * len(micro_batches),
+                                  cfg.data.sequence_length, crops) * env.world_size
+        micro_batches = [to_device(b, env.device) for b in micro_batches]
 
         loss_tokens = sum((b["loss_masks"].clamp_min(0) * (b["labels"] >= 0)).sum() for b in micro_batches)
         loss_tokens = loss_tokens.float()
@@ -254,7 +252,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         moe = None
         for i, batch in enumerate(micro_batches):
             want_router = log_now and i == 0
-            loss, parts, router_logits = micro_batch_loss(model, head, batch, divisor, cfg, len(micro_batches),
+            loss, parts, router_logits = micro_batch_loss(model, batch, divisor, cfg, len(micro_batches),
                                                           want_router)
             loss.backward()
             for k, v in parts.items():
@@ -270,7 +268,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
         norms = clip_grad_norms(by_group, cfg.optim.max_grad_norm)
         norm_values = {k: float(v) for k, v in norms.items()}
-        bad = [k for k, v in {"loss": reduced["loss"], **norm_values}.items() if not torch.isfinite(torch.tensor(v))]
+        bad = [k for k, v in {"loss": reduced["loss"], **norm_values}.items() if not math.isfinite(v)]
         if bad:
             last = ckpt.checkpoint_dirs(run_dir)
             keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
@@ -300,11 +298,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             metrics.update({f"optim/grad_norm/{k}": v for k, v in norm_values.items()})
             metrics.update({f"optim/lr/{k}": v for k, v in lrs.items()})
             if peak:
-                metrics["perf/mfu_pct"] = 100 * flops_per_token * window["tokens_per_s"] / (peak * env.world_size)
+                metrics["perf/mfu_pct"] = 100 * window["flops_per_s"] / (peak * env.world_size)
             if env.device.type == "cuda":
                 metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 metrics["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
                 torch.cuda.reset_peak_memory_stats()
+            else:
+                metrics["memory/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             if moe:
                 metrics.update(moe)
             metrics.update(data.stats())

@@ -8,16 +8,19 @@ its original bytes, or a URL with the download cache), fills in ids and writes n
 from __future__ import annotations
 
 import ast
+import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import datasets
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from molmo_fast.data.shards import SCHEMA_VERSION, Record, normalize_image_bytes
 from molmo_fast.data.sources.download import ImageFetcher
+
+if TYPE_CHECKING:  # `datasets` takes seconds to import; only building shards needs it
+    import datasets
 
 Convert = Callable[[dict[str, Any], "tuple[int, int] | None"], list[dict[str, Any]]]
 
@@ -35,19 +38,15 @@ class HFSource:
     verify_ssl: bool = True
     description: str = ""
 
-
-def _no_decode(feature):
-    if isinstance(feature, datasets.Image):
-        return datasets.Image(decode=False)
-    if isinstance(feature, datasets.List):
-        return datasets.List(_no_decode(feature.feature))
-    if isinstance(feature, dict):
-        return {k: _no_decode(v) for k, v in feature.items()}
-    return feature
+    def __post_init__(self) -> None:
+        if (self.image_column is None) == (self.url_column is None):
+            raise ValueError(f"HFSource {self.name!r}: set exactly one of image_column and url_column")
 
 
 def load_rows(source: HFSource, split: str, input_path: str | None = None) -> datasets.Dataset:
     """The source's rows, from the hub or (offline) a `save_to_disk` directory, a parquet file or a parquet folder."""
+    import datasets
+
     if input_path is None:
         parts = [datasets.load_dataset(source.hub_id, config, split=split) for config in source.configs]
         ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -72,7 +71,18 @@ def load_rows(source: HFSource, split: str, input_path: str | None = None) -> da
 
 def with_raw_images(ds: datasets.Dataset) -> datasets.Dataset:
     """Image columns yield {'bytes', 'path'} instead of decoded PIL images: shards keep the original bytes."""
-    features = datasets.Features({k: _no_decode(v) for k, v in ds.features.items()})
+    import datasets
+
+    def no_decode(feature):
+        if isinstance(feature, datasets.Image):
+            return datasets.Image(decode=False)
+        if isinstance(feature, datasets.List):
+            return datasets.List(no_decode(feature.feature))
+        if isinstance(feature, dict):
+            return {k: no_decode(v) for k, v in feature.items()}
+        return feature
+
+    features = datasets.Features({k: no_decode(v) for k, v in ds.features.items()})
     return ds if features == ds.features else ds.cast(features)
 
 
@@ -114,6 +124,22 @@ def xy_points(points: Any) -> list[list[float]]:
     return [[float(p["x"]), float(p["y"])] for p in points]
 
 
+def _prefetch(load: Callable[[int], Any], n: int, workers: int) -> Iterator[Any]:
+    """load(0..n-1) on a thread pool, yielded in order, with a bounded look-ahead: downloads overlap, one slow URL
+    does not stall the others, and memory stays flat on million-row sets."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future] = deque()
+        upcoming = iter(range(n))
+        for i in itertools.islice(upcoming, workers * 8):
+            pending.append(pool.submit(load, i))
+        while pending:
+            result = pending.popleft().result()
+            i = next(upcoming, None)
+            if i is not None:
+                pending.append(pool.submit(load, i))
+            yield result
+
+
 def iter_records(
     source: HFSource,
     rows: datasets.Dataset,
@@ -128,39 +154,32 @@ def iter_records(
     lost = {} if lost is None else lost
     if source.url_column is not None and fetcher is None:
         raise ValueError(f"source {source.name!r} downloads images from URLs and needs an ImageFetcher")
-    n = len(rows) if limit is None else min(limit, len(rows))
 
     def load(i: int) -> tuple[int, dict[str, Any], bytes | None, str]:
         row = rows[i]
         if source.url_column is not None:
             sha = row.get(source.sha_column) if source.sha_column else None
             data = fetcher.get(row[source.url_column], sha)
-            return i, row, data, "" if data is not None else "download failed"
-        if source.image_column is None:
-            return i, row, None, ""
-        data = _image_bytes(row.get(source.image_column))
-        return i, row, data, "" if data is not None else "no image"
+            return i, row, data, "download failed"
+        return i, row, _image_bytes(row.get(source.image_column)), "no image"
 
-    with ThreadPoolExecutor(max(workers, 1)) as pool:
-        # bounded look-ahead keeps memory flat on million-row sets while downloads overlap
-        chunk = max(workers, 1) * 16
-        for start in range(0, n, chunk):
-            for i, row, data, problem in pool.map(load, range(start, min(start + chunk, n))):
-                if on_row is not None:
-                    on_row()
-                size = None
-                if data is not None:
-                    try:
-                        data, size = normalize_image_bytes(data)
-                    except Exception:
-                        data, problem = None, "unreadable image"
-                needs_image = source.url_column is not None or source.image_column is not None
-                if needs_image and data is None:
-                    lost[problem] = lost.get(problem, 0) + 1
-                    continue
-                for k, fields in enumerate(source.convert(row, size)):
-                    key = f"{source.name}_{split}_{i:09d}" + (f"_{k}" if k else "")
-                    metadata = {"dataset": source.name, "split": split, "row": i, **fields.pop("metadata", {})}
-                    example = {"id": key, "schema_version": SCHEMA_VERSION, **fields, "metadata": metadata}
-                    yield Record(example, data)
-
+    n = len(rows) if limit is None else min(limit, len(rows))
+    for i, row, data, problem in _prefetch(load, n, max(workers, 1)):
+        if on_row is not None:
+            on_row()
+        if data is not None:
+            try:
+                data, size = normalize_image_bytes(data)
+            except Exception:
+                data, problem = None, "unreadable image"
+        if data is None:
+            lost[problem] = lost.get(problem, 0) + 1
+            continue
+        converted = source.convert(row, size)
+        if not converted:
+            lost["skipped by the converter"] = lost.get("skipped by the converter", 0) + 1
+        for k, fields in enumerate(converted):
+            key = f"{source.name}_{split}_{i:09d}" + (f"_{k}" if k else "")
+            metadata = {"dataset": source.name, "split": split, "row": i, **fields.pop("metadata", {})}
+            example = {"id": key, "schema_version": SCHEMA_VERSION, **fields, "metadata": metadata}
+            yield Record(example, data)

@@ -51,14 +51,12 @@ def _points_example(row, size, style, percent):
                                                            if row.get("collection_method") else {})}}
 
 
-def pixmo_points(row, size):
-    # Molmo's PixMoPoints inverts the two style names (REFERENCE §3.4); we fix it: point_count = count + points
-    return [_points_example(row, size, "pointing", percent=True),
-            _points_example(row, size, "point_count", percent=True)]
-
-
-def pixmo_count(row, size):
-    return [_points_example(row, size, "point_count", percent=False)]
+def points(style: str, percent: bool):
+    # Molmo's PixMoPoints inverts the two style names (REFERENCE §3.4); here point_count is always the counting
+    # answer ("Counting the <points ...> shows a total of N.") and pointing the bare points
+    def convert(row, size):
+        return [_points_example(row, size, style, percent)]
+    return convert
 
 
 def pixmo_points_eval(row, size):
@@ -125,12 +123,15 @@ SOURCES = [
     _url("pixmo_cap_qa", "allenai/pixmo-cap-qa", pixmo_cap_qa, sha=False, description="synthetic QA from captions"),
     _url("pixmo_ask_model_anything", "allenai/pixmo-ask-model-anything", pixmo_ask_model_anything,
          description="human-authored image QA"),
-    _url("pixmo_points", "allenai/pixmo-points", pixmo_points,
-         description="pointing + counting (one pointing and one point_count example per row)"),
+    _url("pixmo_points", "allenai/pixmo-points", points("pointing", percent=True), description="pointing"),
+    _url("pixmo_points_counting", "allenai/pixmo-points", points("point_count", percent=True),
+         description="the same rows as counting (point_count)"),
     _url("pixmo_point_explanations", "allenai/pixmo-point-explanations", pixmo_point_explanations,
          description="answers with inline points"),
-    _url("pixmo_count", "allenai/pixmo-count", pixmo_count, sha=False, verify_ssl=False,
+    _url("pixmo_count", "allenai/pixmo-count", points("point_count", percent=False), sha=False, verify_ssl=False,
          description="counting with points (train/validation/test)"),
+    _url("pixmo_count_pointing", "allenai/pixmo-count", points("pointing", percent=False), sha=False,
+         verify_ssl=False, description="the same rows as pointing"),
     _url("pixmo_points_eval", "allenai/pixmo-points-eval", pixmo_points_eval, default_split="test",
          description="pointing eval with masks"),
     *[HFSource(f"pixmo_docs_{t}", "allenai/pixmo-docs", pixmo_docs(t), configs=(t,),

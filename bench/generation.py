@@ -1,0 +1,172 @@
+"""Prefill and decode cost of `MolmoE.generate` across runtime knobs (MoE top-k x max crops), accuracy-free.
+
+    python bench/generation.py [--top_k 1,2,4,8] [--max_crops 1,4,12] [--out bench/generation.json]
+    python bench/generation.py --tiny --device cpu      # seconds-long smoke run of the script itself
+
+The model is the molmoe-1b config with random weights (bf16 on GPU): routing on random weights is not the
+trained model's, but every knob's cost (tokens routed per expert aside) is the same. Prompts are synthetic and
+laid out as the preprocessor lays them out: `max_crops` high-res crops plus the global crop, each contributing its
+pooled tokens (+ a column token per row and start/end tokens), then `--prompt_len` text tokens. Greedy decoding
+runs exactly `--new_tokens` steps (no EOS, so no early stop).
+
+Per setting: prefill = `generate(max_new_tokens=1)` (ViT + connector + LLM over the prompt, one argmax);
+decode ms/token = (time of `generate(max_new_tokens=n)` - prefill) / (n - 1); throughput in tokens/s over the
+batch. Each row records `knobs.describe(model)` (settings, dtype, device, total / active parameters).
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from molmo_fast import knobs
+from molmo_fast.config import MolmoEConfig
+from molmo_fast.model.molmoe import MolmoE
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python bench/generation.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="the tiny preset and small defaults (CPU smoke run)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--top_k", help="comma-separated MoE top-k values (default 1,2,4,8; tiny 1,2)")
+    p.add_argument("--max_crops", help="comma-separated crop budgets (default 1,4,12; tiny 1,2)")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--prompt_len", type=int, help="text tokens after the image (default 32; tiny 8)")
+    p.add_argument("--new_tokens", type=int, help="decode steps, >= 2 (default 64; tiny 4)")
+    p.add_argument("--repeats", type=int, help="timed runs per setting, median reported (default 5; tiny 1)")
+    p.add_argument("--moe_impl", help="molmo_fast.kernels.moe_mlp implementation (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    tiny = args.tiny
+    args.top_k = _ints(args.top_k or ("1,2" if tiny else "1,2,4,8"), "--top_k")
+    args.max_crops = _ints(args.max_crops or ("1,2" if tiny else "1,4,12"), "--max_crops")
+    args.prompt_len = args.prompt_len if args.prompt_len is not None else 8 if tiny else 32
+    args.new_tokens = args.new_tokens if args.new_tokens is not None else 4 if tiny else 64
+    args.repeats = args.repeats if args.repeats is not None else 1 if tiny else 5
+    args.dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    if args.new_tokens < 2:
+        p.error(f"--new_tokens = {args.new_tokens}, expected >= 2 (decode time is total minus prefill)")
+    if args.batch_size < 1 or args.prompt_len < 1 or args.repeats < 1:
+        p.error("--batch_size, --prompt_len and --repeats must be >= 1")
+    return args
+
+
+def _ints(spec: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in spec.split(",") if v]
+    except ValueError:
+        raise SystemExit(f"{flag} = {spec!r}: expected comma-separated ints") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"{flag} = {spec!r}: expected positive ints")
+    return values
+
+
+def build_model(args) -> MolmoE:
+    cfg = MolmoEConfig.from_name("tiny" if args.tiny else "molmoe-1b")
+    model = MolmoE.from_config_on_meta(cfg).init_weights(args.seed, device=args.device)
+    model = model.to(args.dtype).eval()
+    if args.moe_impl:
+        knobs.set_moe_impl(model, args.moe_impl)
+    return model
+
+
+def synthetic_prompt(model: MolmoE, batch_size: int, max_crops: int, prompt_len: int, device: str,
+                     seed: int) -> dict[str, torch.Tensor]:
+    """ids [B, S], images [B, N, P, patch_dim], image_masks [B, N, P], image_input_idx [B, N, T] with
+    N = max_crops + 1 (the global crop) and Molmo's per-crop token layout."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    (h, w), (ph, pw) = cfg.vision.patch_grid, (cfg.connector.pool_h, cfg.connector.pool_w)
+    rows, cols = -(-h // ph), -(-w // pw)
+    per_crop = rows * (cols + int(cfg.connector.use_col_tokens)) + 2  # + start / end tokens
+    N, T = max_crops + 1, rows * cols
+    S = 1 + N * per_crop + prompt_len  # BOS, image blocks, text
+    ids = torch.randint(2, cfg.llm.vocab_size, (batch_size, S), generator=g)
+    # Image-patch positions: inside each crop's block, skipping its start token and each row's column token.
+    row_stride = cols + int(cfg.connector.use_col_tokens)
+    in_block = (torch.arange(rows).unsqueeze(1) * row_stride + torch.arange(cols)).flatten() + 1
+    idx = (1 + torch.arange(N).unsqueeze(1) * per_crop + in_block).expand(batch_size, N, T)
+    images = torch.rand(batch_size, N, cfg.vision.num_patches, cfg.vision.patch_dim, generator=g) * 2 - 1
+    masks = torch.ones(batch_size, N, cfg.vision.num_patches)
+    return {"input_ids": ids.to(device), "images": images.to(device), "image_masks": masks.to(device),
+            "image_input_idx": idx.contiguous().to(device)}
+
+
+def _timed(fn, device: str, repeats: int) -> float:
+    """Median wall-clock seconds of `fn` after one warm-up call."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(model: MolmoE, prompt: dict[str, torch.Tensor], new_tokens: int, device: str, repeats: int) -> dict:
+    def run(n):
+        return lambda: model.generate(prompt["input_ids"], prompt["images"], prompt["image_masks"],
+                                      prompt["image_input_idx"], max_new_tokens=n)
+
+    B, S = prompt["input_ids"].shape
+    prefill_s = _timed(run(1), device, repeats)
+    total_s = _timed(run(new_tokens), device, repeats)
+    decode_s = max(total_s - prefill_s, 0.0) / (new_tokens - 1)
+    return {
+        "batch_size": B, "prompt_tokens": S, "crops": prompt["images"].shape[1],
+        "image_tokens": prompt["image_input_idx"].shape[1] * prompt["image_input_idx"].shape[2],
+        "new_tokens": new_tokens,
+        "prefill_ms": 1e3 * prefill_s, "prefill_tok_s": B * S / prefill_s,
+        "decode_ms_per_token": 1e3 * decode_s, "decode_tok_s": B / decode_s if decode_s > 0 else float("inf"),
+        "total_ms": 1e3 * total_s,
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model = build_model(args)
+    rows = []
+    print(f"{'top_k':>5} {'crops':>5} {'prompt':>6} {'prefill ms':>10} {'prefill tok/s':>13} "
+          f"{'ms/token':>9} {'decode tok/s':>12} {'active params':>14}")
+    for max_crops in args.max_crops:
+        prompt = synthetic_prompt(model, args.batch_size, max_crops, args.prompt_len, args.device, args.seed)
+        knobs.set_max_crops(model, max_crops)
+        for k in args.top_k:
+            knobs.set_top_k(model, k)
+            row = {"top_k": k, "max_crops": max_crops,
+                   **measure(model, prompt, args.new_tokens, args.device, args.repeats),
+                   "knobs": knobs.describe(model)}
+            row["params_active"] = row["knobs"]["params_active"]
+            rows.append(row)
+            print(f"{k:>5} {max_crops:>5} {row['prompt_tokens']:>6} {row['prefill_ms']:>10.2f} "
+                  f"{row['prefill_tok_s']:>13.1f} {row['decode_ms_per_token']:>9.2f} {row['decode_tok_s']:>12.1f} "
+                  f"{row['params_active'] / 1e6:>13.1f}M")
+    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+           "python": platform.python_version(), "device": args.device,
+           "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+           "config": "tiny" if args.tiny else "molmoe-1b", "dtype": str(args.dtype).removeprefix("torch."),
+           "repeats": args.repeats}
+    print("# " + json.dumps(env))
+    result = {"env": env, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
