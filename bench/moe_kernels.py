@@ -33,7 +33,8 @@ def _timer(device: str, quick: bool):
     if device == "cuda":
         import triton.testing
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100)
+        warmup, rep = (10, 30) if quick else (25, 100)
+        return lambda fn: triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
     def cpu_median_ms(fn, reps=3):
         fn()
@@ -123,6 +124,25 @@ def recompiles_after_k_change(impl: str, weights, x_TD, k_max: int, ks: list[int
     return extra
 
 
+def _measure(impl, timer, weights, x_TD, dy_TD, idx_TK, weight_TK, k, refs, device) -> list[dict]:
+    """Forward (no grad) and forward+backward timings of one implementation on one routing."""
+    D, H = weights[1].shape[1:]
+    n_pairs = int((idx_TK >= 0).sum())
+    call = make_call(impl, *weights, device)
+    route_args = routing_for(impl, idx_TK, weight_TK, k)
+    with torch.no_grad():
+        y = call(x_TD, *route_args)
+        fwd_ms = timer(lambda: call(x_TD, *route_args))
+    dx = torch.autograd.grad(call(x_TD, *route_args), x_TD, dy_TD)[0]
+    inputs = [x_TD, *weights, weight_TK]
+    bwd_ms = timer(lambda: torch.autograd.grad(call(x_TD, *route_args), inputs, dy_TD))
+    y_ref, dx_ref = refs
+    return [
+        {"mode": "fwd", "ms": fwd_ms, "flop": 6 * n_pairs * D * H, "rel_err": _rel_err(y, y_ref)},
+        {"mode": "fwd+bwd", "ms": bwd_ms, "flop": 18 * n_pairs * D * H, "rel_err": _rel_err(dx, dx_ref)},
+    ]
+
+
 def run(args) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
     timer = _timer(device, args.quick or args.tiny)
@@ -167,7 +187,6 @@ def run(args) -> dict:
         for k in ks:
             idx_TK, weight_TK = make_routing(T, E, k if args.exact_k else k_max, k, device)
             weight_TK.requires_grad_()
-            n_pairs = int((idx_TK >= 0).sum())
             experts_hit = int(torch.unique(idx_TK[idx_TK >= 0]).numel())
             floor_bytes = experts_hit * 3 * D * H * elt + 2 * T * D * elt
             ref_inputs = [x_TD.detach().float().requires_grad_(), *w_ref]
@@ -176,25 +195,25 @@ def run(args) -> dict:
             for impl in args.impls:
                 if impl == "hf_batched_mm" and T * k * 3 * D * H * elt > BATCHED_MM_MAX_BYTES:
                     continue
-                call = make_call(impl, *weights, device)
-                route_args = routing_for(impl, idx_TK, weight_TK, k)
-                with torch.no_grad():
-                    y = call(x_TD, *route_args)
-                    fwd_ms = timer(lambda: call(x_TD, *route_args))
-                dx = torch.autograd.grad(call(x_TD, *route_args), x_TD, dy_TD)[0]
-                inputs = [x_TD, *weights, weight_TK]
-                bwd_ms = timer(lambda: torch.autograd.grad(call(x_TD, *route_args), inputs, dy_TD))
-                for mode, ms, flop, err in [
-                    ("fwd", fwd_ms, 6 * n_pairs * D * H, _rel_err(y, y_ref)),
-                    ("fwd+bwd", bwd_ms, 18 * n_pairs * D * H, _rel_err(dx, dx_ref)),
-                ]:
-                    tflops = flop / ms / 1e9
+                case = {"impl": impl, "T": T, "k": k}
+                try:  # one failing path (OOM, unsupported dtype) must not cost the rest of a GPU run
+                    new_rows = _measure(
+                        impl, timer, weights, x_TD, dy_TD, idx_TK, weight_TK, k, (y_ref, dx_ref), device
+                    )
+                except RuntimeError as e:
+                    rows.append({**case, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                    print(f"# {case} failed: {rows[-1]['error']}", flush=True)
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                for r in new_rows:
+                    tflops = r["flop"] / r["ms"] / 1e9
                     rows.append({
-                        "impl": impl, "T": T, "k": k, "mode": mode, "ms": ms, "tflops": tflops,
+                        **case, "mode": r["mode"], "ms": r["ms"], "tflops": tflops,
                         "pct_dense": 100 * tflops / env["dense_bf16_tflops"],
-                        "floor_gbs": floor_bytes / ms / 1e6,
-                        "x_floor": ms / (floor_bytes / env["copy_gbs"] / 1e6),
-                        "rel_err": err,
+                        "floor_gbs": floor_bytes / r["ms"] / 1e6,
+                        "x_floor": r["ms"] / (floor_bytes / env["copy_gbs"] / 1e6),
+                        "rel_err": r["rel_err"],
                     })
                     print(_fmt(rows[-1]), flush=True)
     recompiles = {}

@@ -44,24 +44,21 @@ def _moe_fwd(
     weight_TK: torch.Tensor,
     impl: str,
     save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y_TD, routing, h_P2H, o_PD = _backend(impl).moe_fwd(
-        x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, save=save
-    )
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y_TD, routing, h_P2H = _backend(impl).moe_fwd(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, save=save)
     if not save:
         return y_TD, *_empty_saved(x_TD, expert_idx_TK, w_gate_up_EHD, save=False)
-    return y_TD, routing.sorted_pair_P, routing.offs_E, h_P2H, o_PD
+    return y_TD, routing.sorted_pair_P, routing.offs_E, h_P2H
 
 
 def _empty_saved(x_TD, expert_idx_TK, w_gate_up_EHD, save: bool):
-    """The saved-state outputs' shapes: fixed by (T, K, E, H, D), empty when nothing is saved."""
-    E, H2, D = w_gate_up_EHD.shape
+    """The saved-state outputs' shapes: fixed by (T, K, E, H), empty when nothing is saved."""
+    E, H2, _ = w_gate_up_EHD.shape
     P, n_e = (expert_idx_TK.numel(), E) if save else (0, 0)
     return (
         expert_idx_TK.new_empty(P, dtype=torch.int32),
         expert_idx_TK.new_empty(n_e, dtype=torch.int32),
         x_TD.new_empty(P, H2),
-        x_TD.new_empty(P, D),
     )
 
 
@@ -81,17 +78,14 @@ def _moe_bwd(
     sorted_pair_P: torch.Tensor,
     offs_E: torch.Tensor,
     h_P2H: torch.Tensor,
-    o_PD: torch.Tensor,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     routing = Routing(sorted_pair_P, offs_E)
-    return _backend(impl).moe_bwd(
-        dy_TD, x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, routing, h_P2H, o_PD
-    )
+    return _backend(impl).moe_bwd(dy_TD, x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, routing, h_P2H)
 
 
 @_moe_bwd.register_fake
-def _(dy_TD, x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, sorted_pair_P, offs_E, h_P2H, o_PD, impl):
+def _(dy_TD, x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, sorted_pair_P, offs_E, h_P2H, impl):
     return (
         x_TD.new_empty(x_TD.shape),
         w_gate_up_EHD.new_empty(w_gate_up_EHD.shape),
@@ -102,19 +96,19 @@ def _(dy_TD, x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, sorted_p
 
 def _setup_context(ctx, inputs, output):
     x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, impl, _ = inputs
-    _, sorted_pair_P, offs_E, h_P2H, o_PD = output
+    _, sorted_pair_P, offs_E, h_P2H = output
     ctx.impl = impl
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, sorted_pair_P, offs_E, h_P2H, o_PD)
+    ctx.save_for_backward(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, sorted_pair_P, offs_E, h_P2H)
 
 
 def _backward(ctx, dy_TD, *_):
-    x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, sorted_pair_P, offs_E, h_P2H, o_PD = ctx.saved_tensors
+    x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, sorted_pair_P, offs_E, h_P2H = ctx.saved_tensors
     if sorted_pair_P.numel() != expert_idx_TK.numel():
         raise RuntimeError("moe_mlp: backward through a forward run without grad enabled")
     dx, dw_gate_up, dw_down, dweight = _moe_bwd(
         dy_TD.contiguous(), x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK,
-        sorted_pair_P, offs_E, h_P2H, o_PD, ctx.impl,
+        sorted_pair_P, offs_E, h_P2H, ctx.impl,
     )
     return dx, dw_gate_up, dw_down, None, dweight, None, None
 

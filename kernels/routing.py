@@ -25,11 +25,16 @@ class Tiles:
     row_end: torch.Tensor  # int32 [max_tiles]: end of the tile's expert group (rows beyond are masked)
 
 
+def active_mask(expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Active slots: an expert index in [0, E) (-1 marks an inactive slot)."""
+    return (expert_idx_TK >= 0) & (expert_idx_TK < num_experts)
+
+
 def sort_pairs(expert_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stable sort of pairs by expert: (sorted keys, int32 pair ids); inactive slots get key E (last)."""
     E = num_experts
     idx_P = expert_idx_TK.reshape(-1)
-    key_P = torch.where((idx_P >= 0) & (idx_P < E), idx_P, E)
+    key_P = torch.where(active_mask(idx_P, E), idx_P, E)
     key_sorted_P, sorted_pair_P = torch.sort(key_P, stable=True)
     return key_sorted_P, sorted_pair_P.to(torch.int32)
 

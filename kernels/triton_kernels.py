@@ -18,22 +18,24 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PLAIN, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2
 # *_ROWS: where an operand's row lives: at the sorted row, at its token (pair // K), or at its pair id.
 SORTED, TOKEN, PAIR = 0, 1, 2
+# Columns of H summed together in a router-weight-gradient partial; divides every config's BLOCK_N, so
+# each config writes every partial column and the autotuner can never leave stale ones behind.
+PART_CHUNK = 16 if _INTERPRET else 64
 
 
 def _gemm_configs():
+    """Few configs on purpose: every one is compiled per (shape, epilogue) key, and a cold --quick bench
+    must stay under 3 minutes. 128-wide: large-T GEMMs; 64-wide: more CTAs for mid T; BLOCK_K=128:
+    decode, where 16-row tiles are weight-read bound. SWIGLU_FWD keeps two accumulators, so no wider."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4)]  # 2 PART_CHUNKs per block
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [
-            (64, 64, 4, 4),
-            (128, 64, 4, 4),
-            (128, 64, 8, 3),
-            (128, 128, 8, 3),
-            (256, 64, 8, 3),
-            (64, 128, 4, 3),
-        ]
+        for bn, bk, w, s in [(128, 64, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3)]
     ]
+
+
+assert all(cfg.kwargs["BLOCK_N"] % PART_CHUNK == 0 for cfg in _gemm_configs()), "PART_CHUNK must divide BLOCK_N"
 
 
 def _wgrad_configs():
@@ -41,12 +43,7 @@ def _wgrad_configs():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_C": 16, "BLOCK_R": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_R": br}, num_warps=w, num_stages=s)
-        for bn, bc, br, w, s in [
-            (128, 128, 32, 8, 3),
-            (128, 128, 64, 8, 3),
-            (64, 128, 64, 4, 3),
-            (128, 64, 64, 4, 4),
-        ]
+        for bn, bc, br, w, s in [(128, 128, 64, 8, 3), (64, 128, 32, 4, 4)]
     ]
 
 
@@ -61,24 +58,24 @@ def _row_index(rows, pair, K_SLOTS, WHERE: tl.constexpr):
     return index
 
 
-@triton.autotune(configs=_gemm_configs(), key=["N", "KRED", "BLOCK_M", "EPILOGUE", "A_ROWS", "C_ROWS", "SCALE_ROWS"])
+@triton.autotune(configs=_gemm_configs(), key=["N", "KRED", "BLOCK_M", "EPILOGUE", "A_ROWS", "C_ROWS"])
 @triton.jit
 def grouped_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, aux_ptr, pair_ptr, scale_ptr,
+    a_ptr, b_ptr, c_ptr, aux_ptr, pair_ptr, scale_ptr, part_ptr,
     tile_expert_ptr, tile_start_ptr, tile_end_ptr,
     NUM_TILES, N, KRED, K_SLOTS, B_HALF,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_xm,
-    A_ROWS: tl.constexpr, C_ROWS: tl.constexpr, SCALE_ROWS: tl.constexpr, EPILOGUE: tl.constexpr,
-    STORE_AUX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_ROWS: tl.constexpr, C_ROWS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_AUX: tl.constexpr,
+    PART_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr = 8,
 ):
-    """C[rows] = epilogue(scale[pair] * A[rows] @ B[e]^T), B[e] viewed as [N, KRED] through strides.
-
-    The per-row scale (SCALE_ROWS) is applied to the fp32 accumulator: diag(s) A B = diag(s) (A B).
+    """C[rows] = epilogue(A[rows] @ B[e]^T), B[e] viewed as [N, KRED] through strides.
 
     SWIGLU_FWD: two accumulators against B rows n and n + B_HALF (gate, up); C = silu(g) * u, and with
     STORE_AUX the pre-activation g|u goes to aux [rows, 2N] for the backward.
-    SWIGLU_BWD: the accumulator is dA; aux holds g|u; C [rows, 2N] gets dg|du.
+    SWIGLU_BWD: A = dy (token rows), so the accumulator is dy W_down[e] = dL/da / weight; aux holds g|u.
+    It writes part[pair, chunk] = <a, acc> over PART_CHUNK columns (dL/dweight = sum of the chunks,
+    since y = sum_k weight * W_down a) and C [rows, 2N] = dg|du of dL/da = scale[pair] * acc.
     """
     # Swizzle: GROUP_M consecutive row tiles (mostly one expert) sweep all N blocks together, so their
     # gathered rows and the expert's weight slice are reused from L2 instead of re-read from HBM.
@@ -117,8 +114,6 @@ def grouped_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if SCALE_ROWS:
-        acc *= tl.load(scale_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     c_rows = _row_index(rows, pair, K_SLOTS, C_ROWS)
     mask = row_mask[:, None] & n_mask[None, :]
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -137,6 +132,13 @@ def grouped_gemm_kernel(
         gate = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(aux_ptrs + N, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(gate)
+        a = (gate * sig * up).to(c_ptr.dtype.element_ty).to(tl.float32)  # rounded as the forward stored it
+        part = tl.sum(tl.reshape(a * acc, (BLOCK_M, BLOCK_N // PART_CHUNK, PART_CHUNK)), axis=2)
+        num_parts = tl.cdiv(N, PART_CHUNK)
+        cols = pid_n * (BLOCK_N // PART_CHUNK) + tl.arange(0, BLOCK_N // PART_CHUNK)
+        part_ptrs = part_ptr + pair.to(tl.int64)[:, None] * num_parts + cols[None, :]
+        tl.store(part_ptrs, part, mask=row_mask[:, None] & (cols[None, :] < num_parts))
+        acc *= tl.load(scale_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]
         d_gate = acc * up * sig * (1.0 + gate * (1.0 - sig))
         tl.store(c_ptrs, d_gate.to(c_ptr.dtype.element_ty), mask=mask)
         tl.store(c_ptrs + N * stride_cn, (acc * gate * sig).to(c_ptr.dtype.element_ty), mask=mask)
@@ -221,26 +223,6 @@ def combine_kernel(
 
 
 @triton.jit
-def weight_grad_kernel(
-    o_ptr, dy_ptr, idx_ptr, dw_ptr, K_SLOTS, D, E, stride_om, stride_dyt, BLOCK_D: tl.constexpr,
-):
-    """dweight[t,k] = <dy[t], o[t*K+k]> for active slots, 0 for inactive ones."""
-    t = tl.program_id(0).to(tl.int64)
-    for k in range(K_SLOTS):
-        p = t * K_SLOTS + k
-        e = tl.load(idx_ptr + p)
-        d_end = tl.where((e >= 0) & (e < E), D, 0)
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            m = offs_d < d_end
-            o = tl.load(o_ptr + p * stride_om + offs_d, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + t * stride_dyt + offs_d, mask=m, other=0.0).to(tl.float32)
-            acc += o * dy
-        tl.store(dw_ptr + p, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty))
-
-
-@triton.jit
 def _upper_bound(keys_ptr, value, P):
     """Per lane: how many of the P sorted keys are <= value (a vectorised binary search)."""
     lo = tl.zeros(value.shape, dtype=tl.int32)
@@ -293,7 +275,7 @@ def plan_kernel(
 def compiled_variants() -> int:
     """Compiled binaries plus autotune decisions held by this module's kernels (grows on a recompile)."""
     total = 0
-    for kernel in (grouped_gemm_kernel, grouped_wgrad_kernel, combine_kernel, weight_grad_kernel, plan_kernel):
+    for kernel in (grouped_gemm_kernel, grouped_wgrad_kernel, combine_kernel, plan_kernel):
         total += len(getattr(kernel, "cache", {}))  # autotuner: one entry per tuning key
         jit = getattr(kernel, "fn", kernel)
         for caches in getattr(jit, "device_caches", {}).values():

@@ -1,14 +1,16 @@
 """Forward and backward of the MoE MLP on the Triton kernels (see `triton_kernels.py` for the design).
 
 Forward: route -> [gather x, gate|up GEMM, SwiGLU epilogue] -> [down GEMM, scatter to pair rows] ->
-combine over K. Backward: dweight, [gather dy * weight, down^T GEMM, SwiGLU-backward epilogue] ->
-dh, then dX (gate_up^T GEMM scattered to pair rows, combined over K) and the grouped weight gradients.
+combine over K. Backward: [gather dy, down^T GEMM, epilogue: dweight partials and SwiGLU backward
+with the router weight] -> dh, then dX (gate_up^T GEMM scattered to pair rows, combined over K) and
+the grouped weight gradients. Saved for backward: routing and g|u only (no [T*K, D] tensor).
 """
 
+import torch
 import triton
 
 from . import triton_kernels as tk
-from .routing import Routing, Tiles, max_tiles, sort_pairs
+from .routing import Routing, Tiles, active_mask, max_tiles, sort_pairs
 
 
 def block_m_for(num_pairs: int, num_experts: int) -> int:
@@ -17,17 +19,18 @@ def block_m_for(num_pairs: int, num_experts: int) -> int:
     return min(128, max(16, triton.next_power_of_2(per_expert)))
 
 
-def _gemm(a, b, c, tiles, *, aux, pair, n, kred, k_slots, b_strides, b_half=0,
-          a_rows=tk.SORTED, c_rows=tk.SORTED, epilogue=tk.PLAIN, store_aux=False, block_m=16, scale=None):
-    """One grouped GEMM launch; `scale` (per pair) multiplies the output rows; unused pointers get `pair`."""
+def _gemm(a, b, c, tiles, *, aux, pair, n, kred, k_slots, b_strides, b_half=0, a_rows=tk.SORTED,
+          c_rows=tk.SORTED, epilogue=tk.PLAIN, store_aux=False, block_m=16, scale=None, part=None):
+    """One grouped GEMM launch; pointers an epilogue does not use get `pair` (never read or written)."""
     num_tiles = tiles.expert.numel()
     grid = lambda meta: (num_tiles * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     tk.grouped_gemm_kernel[grid](
-        a, b, c, aux, pair, pair if scale is None else scale, tiles.expert, tiles.row_start, tiles.row_end,
+        a, b, c, aux, pair, pair if scale is None else scale, pair if part is None else part,
+        tiles.expert, tiles.row_start, tiles.row_end,
         num_tiles, n, kred, k_slots, b_half,
         a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1), aux.stride(0),
-        A_ROWS=a_rows, C_ROWS=c_rows, SCALE_ROWS=scale is not None, EPILOGUE=epilogue,
-        STORE_AUX=store_aux, BLOCK_M=block_m,
+        A_ROWS=a_rows, C_ROWS=c_rows, EPILOGUE=epilogue, STORE_AUX=store_aux, PART_CHUNK=tk.PART_CHUNK,
+        BLOCK_M=block_m,
     )
 
 
@@ -56,7 +59,7 @@ def _combine(o_PD, expert_idx_TK, weight_TK, E, out_TD):
 
 
 def moe_fwd(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, save: bool = True):
-    """Returns (y_TD, routing, h_P2H or None, o_PD)."""
+    """Returns (y_TD, routing, h_P2H or None)."""
     T, D = x_TD.shape
     E, H2, _ = w_gate_up_EHD.shape
     H, K = H2 // 2, expert_idx_TK.shape[1]
@@ -83,10 +86,10 @@ def moe_fwd(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, save: boo
         b_strides=(s[0], s[1], s[2]), c_rows=tk.PAIR, block_m=block_m,
     )
     y_TD = _combine(o_PD, expert_idx_TK, weight_TK, E, x_TD.new_empty(T, D))
-    return y_TD, routing, h_P2H if save else None, o_PD
+    return y_TD, routing, h_P2H if save else None
 
 
-def moe_bwd(dy_TD, x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, routing: Routing, h_P2H, o_PD):
+def moe_bwd(dy_TD, x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, routing: Routing, h_P2H):
     """Returns (dx_TD, dw_gate_up_EHD, dw_down_EDH, dweight_TK)."""
     T, D = x_TD.shape
     E, H2, _ = w_gate_up_EHD.shape
@@ -99,19 +102,17 @@ def moe_bwd(dy_TD, x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, ro
     tiles = _plan(routing, block_m)
     pair = routing.sorted_pair_P
 
-    dweight_TK = weight_TK.new_empty(T, K)
-    tk.weight_grad_kernel[(T,)](
-        o_PD, dy_TD, expert_idx_TK, dweight_TK, K, D, E, o_PD.stride(0), dy_TD.stride(0),
-        BLOCK_D=min(1024, triton.next_power_of_2(D)),
-    )
-
-    # dA = (weight * dy) @ W_down[e], with dgate|dup computed from the saved g|u in the epilogue.
+    # dy @ W_down[e]; the epilogue makes dgate|dup (from the saved g|u) and the dweight partials.
     dh_P2H = x_TD.new_empty(P, H2)
+    part_PC = x_TD.new_empty(P, triton.cdiv(H, tk.PART_CHUNK), dtype=torch.float32)
     s = w_down_EDH.stride()
     _gemm(
-        dy_TD, w_down_EDH, dh_P2H, tiles, aux=h_P2H, pair=pair, scale=weight_TK, n=H, kred=D, k_slots=K,
-        b_strides=(s[0], s[2], s[1]), a_rows=tk.TOKEN, epilogue=tk.SWIGLU_BWD, block_m=block_m,
+        dy_TD, w_down_EDH, dh_P2H, tiles, aux=h_P2H, pair=pair, scale=weight_TK, part=part_PC, n=H, kred=D,
+        k_slots=K, b_strides=(s[0], s[2], s[1]), a_rows=tk.TOKEN, epilogue=tk.SWIGLU_BWD, block_m=block_m,
     )
+    # Inactive pairs' rows were never written: select, don't multiply.
+    dweight_TK = part_PC.view(T, K, part_PC.shape[-1]).sum(-1)
+    dweight_TK = torch.where(active_mask(expert_idx_TK, E), dweight_TK, 0.0).to(weight_TK.dtype)
     dx_PD = x_TD.new_empty(P, D)
     s = w_gate_up_EHD.stride()
     _gemm(

@@ -33,8 +33,8 @@ _SUPPORTED = {
     "moe_shared_expert": False,
     "norm_after": False,
     "normalize_input_embeds": False,
-    "response_attention_dropout": 0.0,
     "qkv_bias": False,
+    "response_attention_dropout": 0.0,
     "rope": True,
     "rope_impl": "llama",
     "scale_logits": False,
@@ -133,10 +133,6 @@ class DropoutConfig:
     attention: float = 0.0  # attention probabilities (SDPA dropout_p)
     embedding: float = 0.0  # input embeddings, after the image features are added
     image_feature: float = 0.0  # concatenated ViT features (after the pad embeddings), before pooling
-
-    @property
-    def active(self) -> bool:
-        return any(getattr(self, f) > 0 for f in self.__dataclass_fields__)
 
 
 @dataclass

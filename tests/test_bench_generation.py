@@ -4,13 +4,20 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "generation.py"
 
 
-def test_generation_bench_tiny_cpu_smoke(tmp_path):
+def _load_bench():
     spec = importlib.util.spec_from_file_location("generation_bench", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_generation_bench_tiny_cpu_smoke(tmp_path):
+    bench = _load_bench()
     out = tmp_path / "gen.json"
     result = bench.main(["--tiny", "--device", "cpu", "--top_k", "1,2", "--max_crops", "1,2", "--new_tokens", "3",
                          "--prompt_len", "5", "--out", str(out)])
@@ -27,3 +34,11 @@ def test_generation_bench_tiny_cpu_smoke(tmp_path):
     assert by_setting[(1, 2)]["prompt_tokens"] > by_setting[(1, 1)]["prompt_tokens"]
     assert by_setting[(2, 1)]["params_active"] > by_setting[(1, 1)]["params_active"]
     assert result["env"]["config"] == "tiny" and result["env"]["dtype"] == "float32"
+
+
+@pytest.mark.gpu
+def test_generation_bench_tiny_cuda_bf16():
+    result = _load_bench().main(["--tiny", "--device", "cuda", "--top_k", "2", "--max_crops", "2", "--repeats", "2"])
+    (row,) = result["rows"]
+    assert row["knobs"]["dtype"] == "bfloat16" and row["knobs"]["device"].startswith("cuda")
+    assert row["prefill_ms"] > 0 and row["decode_ms_per_token"] > 0

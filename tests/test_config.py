@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from molmo_fast.config import ASSETS, MolmoEConfig
+from molmo_fast.config import ASSETS, DropoutConfig, MolmoEConfig
 
 REAL = ASSETS / "molmoe-1b" / "config.json"
 
@@ -38,6 +38,24 @@ def test_presets(golden_dir):
         MolmoEConfig.from_name("molmoe-7b")
 
 
+def test_dropout_rates(tmp_path):
+    cfg = MolmoEConfig.from_hf_json(REAL)
+    assert cfg.dropout == DropoutConfig(residual=0.1)  # the release's training dropout
+    cfg.dropout.response_residual, cfg.dropout.image_feature = 0.1, 0.2
+    cfg.to_hf_json(tmp_path / "config.json")
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["response_residual_dropout"], written["image_feature_dropout"]) == (0.1, 0.2)
+    assert MolmoEConfig.from_hf_json(tmp_path).dropout == cfg.dropout
+    d = json.loads(REAL.read_text())
+    for key in ("residual_dropout", "attention_dropout", "embedding_dropout"):
+        del d[key]
+    assert MolmoEConfig.from_hf_dict(d).dropout == DropoutConfig()  # absent = off, and not written back
+    assert "residual_dropout" not in MolmoEConfig.from_hf_dict(d).to_hf_dict()
+    d["vision_backbone"]["residual_dropout"] = 0.1  # the ViT's own dropout is not implemented
+    with pytest.raises(ValueError, match=r"vision_backbone\.residual_dropout"):
+        MolmoEConfig.from_hf_dict(d)
+
+
 def test_gqa_and_edits_round_trip(tmp_path):
     d = json.loads(REAL.read_text())
     d["n_kv_heads"] = 4
@@ -71,6 +89,9 @@ def _write(tmp_path, **edits):
     (dict(moe_top_k=65), ["'moe_top_k'", "65", "moe_num_experts"]),
     (dict(vit_layers=[-2, -30]), ["'vit_layers'", "-30"]),
     (dict(weight_tying=True), ["'weight_tying'", "True", "False"]),
+    (dict(residual_dropout=1.0), ["'residual_dropout'", "1.0", "[0, 1)"]),
+    (dict(attention_dropout="some"), ["'attention_dropout'", "'some'", "float"]),
+    (dict(response_attention_dropout=0.1), ["'response_attention_dropout'", "0.1", "0.0"]),
 ])
 def test_bad_fields_name_field_file_value(tmp_path, edits, needles):
     path = _write(tmp_path, **edits)

@@ -2,6 +2,7 @@
 since the golden tiny weights only cover a 1000-token vocab) on synthetic shards."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -67,7 +68,9 @@ def test_cli_end_to_end_writes_every_output(checkpoint, data_dir, tmp_path, caps
         assert model["skip_blocks"] == [1] and model["moe_routing"] == ["topk_renorm"] * 2
         assert metrics["settings"]["max_crops"] == model["max_crops"] == 4  # low-res: the checkpoint's crops
         assert r["task"] in table
-    assert set(json.loads((out / "metrics.json").read_text())) == set(SYNTHETIC)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(summary) == set(SYNTHETIC)
+    assert all(entry["settings"]["model"]["moe_top_k"] == [1, 1] for entry in summary.values())
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
 
@@ -214,6 +217,9 @@ def test_resolve_checkpoint_exports_a_run_step(checkpoint, tmp_path):
     assert runner._checkpoint_step(first) == 5
     shutil.copytree(latest, run_dir / "hf")  # the trainer's end-of-run export
     assert runner.resolve_checkpoint(run_dir) == run_dir / "hf" and runner._checkpoint_step(run_dir / "hf") == 10
+    newer = run_dir / "checkpoints" / "step_10" / "train_state.json"  # a resumed run saved step 10 again later
+    os.utime(newer, (newer.stat().st_mtime + 60, newer.stat().st_mtime + 60))
+    assert runner.resolve_checkpoint(run_dir) == latest
     with pytest.raises(FileNotFoundError, match="step 7"):
         runner.resolve_checkpoint(run_dir, step=7)
 
@@ -226,3 +232,12 @@ def test_gin_suite_with_cli_overrides(checkpoint, data_dir, tmp_path):
     assert (tmp_path / "synthetic_clocks" / "metrics.json").is_file()  # --out wins over the gin file's out
     with pytest.raises(ValueError, match="EvalConfig.tasks is required"):
         runner.EvalConfig(checkpoint="x")  # the gin bindings do not outlive main()
+    with pytest.raises(ValueError, match="EvalConfig.tasks = 'chartqa': unknown eval task"):
+        runner.EvalConfig(checkpoint="x", tasks="chartqa")
+
+
+@pytest.mark.gpu
+def test_runs_on_cuda_in_bfloat16(checkpoint, data_dir, tmp_path):
+    result = runner.run(_cfg(checkpoint, data_dir, tmp_path, device="cuda", dtype="bfloat16"))[0]
+    model = result["settings"]["model"]
+    assert result["n"] == N and model["dtype"] == "bfloat16" and model["device"].startswith("cuda")

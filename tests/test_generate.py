@@ -129,3 +129,22 @@ def test_incremental_forward_with_growing_cache(model, cases):
                            use_cache=True).logits)
     assert cache.length == ids.shape[1]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_prefill_takes_the_causal_fast_path_unless_left_padded(model, monkeypatch):
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append(is_causal and attn_mask is None)
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    prompt = torch.tensor([[999, 17, 400, 23, 8], [999, 5, 6, -1, -1]])
+    right = model.generate(prompt, max_new_tokens=2)
+    assert sum(calls) == model.config.llm.n_layers  # prefill only; decode steps need the padding mask
+    calls.clear()
+    left = model.generate(torch.tensor([[999, 17, 400, 23, 8], [-1, -1, 999, 5, 6]]), max_new_tokens=2)
+    assert sum(calls) == 0
+    assert torch.equal(left[:, -2:], right[:, -2:])

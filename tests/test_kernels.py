@@ -60,9 +60,7 @@ def _check(impl, x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK, atol=2e-4):
     dy_TD = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     grads_ref = torch.autograd.grad(y_ref, ref, dy_TD)
 
-    ours = [t.detach().requires_grad_() for t in inputs]
-    if x_TD.stride(-1) != 1:  # keep the caller's layout for the non-contiguous case
-        ours[0] = x_TD.detach().requires_grad_()
+    ours = [t.detach().requires_grad_() for t in inputs]  # detach keeps a non-contiguous layout
     with _Poison():
         y = moe_mlp(ours[0], ours[1], ours[2], idx_TK, ours[3], impl=impl)
         grads = torch.autograd.grad(y, ours, dy_TD.float())
@@ -104,13 +102,25 @@ def test_parity(impl, T, E, K, case):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_non_contiguous_and_odd_dims(impl):
-    T, E, K, D, H = 7, 5, 2, 20, 12  # D, H not multiples of the 16-byte grouped_mm alignment or of tiles
+@pytest.mark.parametrize("D,H", [(18, 10), (48, 40)])  # unaligned for grouped_mm; several, ragged N blocks
+def test_non_contiguous_and_odd_dims(impl, D, H):
+    T, E, K = 7, 5, 2
     w_gate_up_EHD, w_down_EDH = _weights(E, D, H, seed=4)
     x_TD = torch.randn(D, T, generator=torch.Generator().manual_seed(5)).t()
     assert not x_TD.is_contiguous()
     idx_TK, weight_TK = _routing(T, E, K, [2, 1, 0, 2, 2, 1, 2], seed=6)
     _check(impl, x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(impl):
+    w_gate_up_EHD, w_down_EDH = _weights(4, 32, 16)
+    inputs = [torch.randn(0, 32), w_gate_up_EHD, w_down_EDH, torch.rand(0, 2)]
+    inputs = [t.requires_grad_() for t in inputs]
+    y_TD = moe_mlp(inputs[0], inputs[1], inputs[2], torch.zeros(0, 2, dtype=torch.long), inputs[3], impl=impl)
+    assert y_TD.shape == (0, 32)
+    grads = torch.autograd.grad(y_TD.sum(), inputs)
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, inputs))
 
 
 @needs_interpreter
@@ -120,7 +130,10 @@ def test_grouped_mm_matches_triton_and_loop_without_grad():
     x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(9))
     idx_TK, weight_TK = _routing(T, E, K, [2, 0, 1, 2, 2, 1, 0, 2, 1], seed=10)
     with torch.no_grad():
-        ys = [moe_mlp(x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK, impl=i) for i in ("loop", "grouped_mm", "triton")]
+        ys = [
+            moe_mlp(x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK, impl=impl)
+            for impl in ("loop", "grouped_mm", "triton")
+        ]
     for y in ys[1:]:
         torch.testing.assert_close(y, ys[0], atol=1e-5, rtol=1e-5)
     assert ys[0][1].abs().max() == 0  # token 1 has no active slot

@@ -49,8 +49,8 @@ def _compile_all() -> list[dict]:
         w_down_EDH = torch.randn(E, D, H, dtype=dtype)
         idx_TK = torch.randint(0, E, (T, K))
         weight_TK = torch.rand(T, K)
-        y_TD, routing, h_P2H, o_PD = triton_moe.moe_fwd(x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK)
-        triton_moe.moe_bwd(y_TD, x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK, routing, h_P2H, o_PD)
+        y_TD, routing, h_P2H = triton_moe.moe_fwd(x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK)
+        triton_moe.moe_bwd(y_TD, x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK, routing, h_P2H)
 
     results = []
     for kernel, args, kwargs in launches:
@@ -99,7 +99,7 @@ def test_kernels_build_for_hopper():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     names = [r["kernel"] for r in results]
     assert names.count("grouped_gemm_kernel") == 8 and names.count("grouped_wgrad_kernel") == 4, names
-    assert {"plan_kernel", "combine_kernel", "weight_grad_kernel"} <= set(names)
+    assert {"plan_kernel", "combine_kernel"} <= set(names)
     assert {r["block_m"] for r in results if r["kernel"] == "grouped_gemm_kernel"} == {16, 128}
     for r in results:
         assert r["shared"] <= H100_SHARED_BYTES, r

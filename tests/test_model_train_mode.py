@@ -120,3 +120,34 @@ def test_response_residual_dropout_only_at_response_tokens(golden, batch):
     assert (out[:, first_response:] - ref[:, first_response:]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="response_mask"):
         model(ids)
+
+
+def test_residual_dropout_rates_per_region():
+    from molmo_fast.model.dropout import ResidualDropout
+
+    drop = ResidualDropout(0.1, response_p=0.5).train()
+    x = torch.ones(4, 1000, 32, dtype=torch.bfloat16)
+    response = torch.zeros(4, 1000, dtype=torch.bool)
+    response[:, 500:] = True
+    torch.manual_seed(0)
+    y = drop(x, response).float()
+    assert abs((y[:, :500] == 0).float().mean().item() - 0.1) < 0.01
+    assert abs((y[:, 500:] == 0).float().mean().item() - 0.5) < 0.01
+    assert abs(y.mean().item() - 1.0) < 0.02  # inverted dropout keeps the expectation
+    assert torch.equal(drop.eval()(x, response), x)
+    assert torch.equal(ResidualDropout(0.0).train()(x), x)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_right_padded_runs_on_the_flash_kernel(golden_dir, batch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = MolmoE.from_pretrained(golden_dir / "tiny_model", dtype=torch.bfloat16, device="cuda")
+    cuda = {k: v.cuda() for k, v in batch.items()}
+    masked = model(**cuda).logits.float()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # a masked call has no kernel here and would raise
+        fast = model(**cuda, right_padded=True).logits.float()
+    valid = cuda["input_ids"] != -1
+    err = (fast - masked)[valid].abs().mean()
+    assert err < 0.05 * masked[valid].abs().mean(), err

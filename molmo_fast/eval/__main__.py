@@ -15,7 +15,7 @@ from molmo_fast.eval.tasks import TASKS
 GIN_DIR = Path(__file__).resolve().parents[2] / "gin"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m molmo_fast.eval", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="HF checkpoint dir, or a training run dir (its latest checkpoint)")
     p.add_argument("--tasks", help=f"comma-separated, or the suites 'paper' / 'synthetic'; one of {sorted(TASKS)}")
@@ -37,11 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss", action="store_true", default=None, help="teacher-forced loss/accuracy instead")
     p.add_argument("--fsdp", action="store_true", default=None, help="shard the model across torchrun ranks")
     p.add_argument("--overwrite", action="store_true", default=None, help="discard earlier results in --out")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in vars(args).items() if k not in ("gin_file", "gin_param") and v is not None}
     if isinstance(overrides.get("top_k"), list) and len(overrides["top_k"]) == 1:
@@ -52,6 +53,8 @@ def main(argv=None) -> list[dict]:
     gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
     try:
         cfg = EvalConfig(**overrides)
+    except ValueError as e:
+        parser.error(str(e))
     finally:
         gin.clear_config()
     results = run(cfg)

@@ -42,6 +42,8 @@ _NEVER_EOS = -2
 @gin.configurable
 @dataclass
 class EvalConfig:
+    """One eval invocation; gin files bind it, command-line flags override (see `python -m molmo_fast.eval`)."""
+
     checkpoint: str = ""
     tasks: str | list[str] = ""  # "chart_qa,doc_qa", or the suites "paper" / "synthetic"
     out: str = "runs/eval"
@@ -66,6 +68,10 @@ class EvalConfig:
             raise ValueError("EvalConfig.checkpoint is required (an HF checkpoint dir or a training run dir)")
         if not self.tasks:
             raise ValueError("EvalConfig.tasks is required, e.g. 'chart_qa,doc_qa' or 'synthetic'")
+        try:
+            parse_tasks(self.tasks)
+        except KeyError as e:
+            raise ValueError(f"EvalConfig.tasks = {self.tasks!r}: {e.args[0]}") from None
         if self.dtype not in DTYPES:
             raise ValueError(f"EvalConfig.dtype = {self.dtype!r}, expected one of {sorted(DTYPES)}")
         parsed = knobs.Knobs.parse(self.knobs)
@@ -86,13 +92,17 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> Path
         if step is not None:
             raise ValueError(f"--step {step} given, but {path} is a single HF checkpoint, not a run directory")
         return path
-    if step is None and _is_hf_dir(path / "hf"):
-        return path / "hf"
-    if not (path / "checkpoints").is_dir():
+    if not (path / "checkpoints").is_dir() and not _is_hf_dir(path / "hf"):
         raise FileNotFoundError(f"{path}: neither an HF checkpoint (config.json + model.safetensors[.index.json]) "
                                 f"nor a run directory with checkpoints/step_N")
-    from molmo_fast.train.checkpoint import find_checkpoint
+    # The training stack (DCP, FSDP) is imported only for run directories and FSDP, never for a plain HF eval.
+    from molmo_fast.train.checkpoint import checkpoint_dirs, find_checkpoint
 
+    if step is None and _is_hf_dir(path / "hf"):
+        found = checkpoint_dirs(path)
+        # The end-of-run export, unless a resumed run has since saved a newer checkpoint.
+        if not found or (found[-1][1] / "train_state.json").stat().st_mtime <= (path / "hf").stat().st_mtime:
+            return path / "hf"
     ckpt_dir = find_checkpoint(path, step)
     if not _is_hf_dir(ckpt_dir / "hf"):
         from molmo_fast.export import export_run
@@ -399,7 +409,7 @@ def _write_outputs(out_dir: Path, results: list[dict[str, Any]], step: int) -> N
     with SummaryWriter(str(out_dir / "tb")) as writer:
         for r in results:
             name = f"{r['task']}_loss" if r["primary"] == "loss" else r["task"]
-            summary[name] = {k: r[k] for k in ("primary", "score", "metrics", "n", "paper_score")}
+            summary[name] = {k: r[k] for k in ("primary", "score", "metrics", "n", "paper_score", "settings")}
             for metric, value in r["metrics"].items():
                 writer.add_scalar(f"eval/{name}/{metric}", value, step)
     summary_file.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")

@@ -23,9 +23,10 @@ class ResidualDropout(nn.Module):
         if response_mask_BS is None:
             raise ValueError("response_residual_dropout > 0 needs `response_mask` (the batch's loss_masks > 0) "
                              "in training")
-        keep_BS1 = torch.where(response_mask_BS.bool(), 1.0 - self.response_p, 1.0 - self.p).unsqueeze(-1)
-        keep_BSD = keep_BS1.to(x_BSD.dtype).expand_as(x_BSD)
-        return x_BSD * (torch.bernoulli(keep_BSD) / keep_BSD)
+        # Keep probabilities in float32: 0.9 is not representable in bf16 and the rate would drift.
+        keep_BS1 = torch.where(response_mask_BS.bool().unsqueeze(-1), 1.0 - self.response_p, 1.0 - self.p)
+        kept_BSD = torch.rand(x_BSD.shape, device=x_BSD.device) < keep_BS1
+        return x_BSD * (kept_BSD / keep_BS1).to(x_BSD.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, response_p={self.response_p}"

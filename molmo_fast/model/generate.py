@@ -28,9 +28,11 @@ def generate(model, input_ids: torch.Tensor, images: torch.Tensor | None = None,
     valid = input_ids != -1
     position_ids = (valid.cumsum(-1) - 1).clamp_min(0)
     last = (valid * torch.arange(1, S + 1, device=valid.device)).argmax(-1, keepdim=True)  # last valid index
+    # One host check before prefill: right-padded (or unpadded) prompts prefill with mask-free causal SDPA.
+    right_padded = bool((valid[:, :-1] >= valid[:, 1:]).all())
     cache = KVCache(len(model.llm.blocks), capacity=S + max_new_tokens)
     out = model(input_ids, images, image_masks, image_input_idx, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, top_k=top_k, logits_at=last)
+                past_key_values=cache, use_cache=True, top_k=top_k, logits_at=last, right_padded=right_padded)
     logits = out.logits[:, -1]
     next_pos = valid.sum(-1, keepdim=True)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -71,6 +71,7 @@ HF_EXPERT_MAP: dict[str, tuple[str, ...]] = {
     "llm.blocks.{}.moe.w_down": (_B + "mlp.experts.{}.down_proj.weight",),
 }
 
+
 class CheckpointMismatchError(KeyError, ValueError):
     """A checkpoint tensor is missing, left over or mis-shaped (catchable as KeyError or ValueError)."""
 
@@ -160,7 +161,7 @@ def load_hf_state_dict(param_shapes: dict[str, torch.Size], reader, dtype=None, 
     leftover = reader.keys() - consumed
     if leftover:
         raise CheckpointMismatchError(f"checkpoint has {len(leftover)} tensors with no place in the model, "
-                         f"e.g. {sorted(leftover)[:5]}")
+                                      f"e.g. {sorted(leftover)[:5]}")
     return state
 
 

@@ -69,8 +69,7 @@ class MolmoE(nn.Module):
 
     def _vit_features(self, crops_NPC: torch.Tensor) -> torch.Tensor:
         """Concat of the `vit_layers` hidden states, CLS dropped: [N, P, C * len(vit_layers)]."""
-        hidden = self.vit(crops_NPC, num_layers=max(self.vit_layer_idx) + 1)
-        return torch.cat([hidden[i] for i in self.vit_layer_idx], dim=-1)[:, 1:]
+        return torch.cat(self.vit(crops_NPC, keep=self.vit_layer_idx), dim=-1)[:, 1:]
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
                 image_masks: torch.Tensor | None = None, image_input_idx: torch.Tensor | None = None,

@@ -71,7 +71,7 @@ def load_native_state_dict(param_shapes: dict[str, torch.Size], source: str | Pa
             state[name] = down_t.transpose(1, 2).contiguous()
     if native:
         raise CheckpointMismatchError(f"native checkpoint has {len(native)} tensors with no place in the model, "
-                         f"e.g. {sorted(native)[:5]}")
+                                      f"e.g. {sorted(native)[:5]}")
     return state
 
 

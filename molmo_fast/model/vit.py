@@ -5,6 +5,7 @@ final LayerNorm; callers pick hidden states of chosen blocks (`vit_layers`).
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,15 +90,20 @@ class VisionTransformer(nn.Module):
         grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
         return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)])
 
-    def forward(self, patches_NPC: torch.Tensor, num_layers: int | None = None) -> list[torch.Tensor]:
-        """Returns the output of each of the first `num_layers` blocks (all by default), CLS token included."""
+    def forward(self, patches_NPC: torch.Tensor, num_layers: int | None = None,
+                keep: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Returns the output of each of the first `num_layers` blocks (all by default), CLS token included.
+        `keep` (block indices >= 0, instead of `num_layers`): only those outputs, in `keep`'s order; no block after
+        the last kept one runs and the other hidden states are freed as soon as the next block has read them."""
         N = patches_NPC.shape[0]
         x = self.patch_embedding(patches_NPC.to(self.patch_embedding.weight.dtype))
         cls = self.class_embedding.to(x.dtype).expand(N, 1, -1)
         x = torch.cat([cls, x], dim=1) + self._positional_embedding().to(x.dtype)
         x = self.pre_ln(x)
-        hidden = []
-        for block in self.blocks[: num_layers or len(self.blocks)]:
+        wanted = list(range(num_layers or len(self.blocks))) if keep is None else list(keep)
+        hidden = {}
+        for i, block in enumerate(self.blocks[: max(wanted) + 1]):
             x = block(x)
-            hidden.append(x)
-        return hidden
+            if i in wanted:
+                hidden[i] = x
+        return [hidden[i] for i in wanted]

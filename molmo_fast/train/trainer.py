@@ -95,8 +95,8 @@ def prepare_run_dir(cfg: Config, env: Env, resuming: bool) -> Path:
 
 
 def build_model(cfg: Config, env: Env) -> nn.Module:
-    """Rank 0 materialises the initial weights on CPU (HF checkpoint or fresh init); the others build on meta and
-    receive their shards by broadcast, so the initial model is identical whatever the world size."""
+    """Every rank builds the model on meta and shards it; rank 0 alone materialises the initial weights on CPU
+    (HF checkpoint, parts, or fresh init) and broadcasts them, so the start is identical whatever the world size."""
     from molmo_fast.config import MolmoEConfig
     from molmo_fast.model.molmoe import MolmoE
 
@@ -104,28 +104,21 @@ def build_model(cfg: Config, env: Env) -> nn.Module:
     mcfg.moe.impl = cfg.model.moe_impl
     mcfg.moe.load_balancing_weight = cfg.train.moe_lb_weight
     mcfg.moe.z_loss_weight = cfg.train.moe_zloss_weight
+    full_sd = {}
     if env.is_main:
         if cfg.model.init_from:
-            model = MolmoE.from_pretrained(cfg.model.init_from, dtype=torch.float32, device="cpu")
-            model.config.moe.load_balancing_weight = mcfg.moe.load_balancing_weight
-            model.config.moe.z_loss_weight = mcfg.moe.z_loss_weight
+            source = MolmoE.from_pretrained(cfg.model.init_from, dtype=torch.float32, device="cpu")
         else:
-            model = MolmoE(mcfg)
-            model.init_weights(cfg.model.init_seed)
+            source = MolmoE.from_config_on_meta(mcfg).init_weights(cfg.model.init_seed)
         if cfg.model.llm_from or cfg.model.vit_from:
             from molmo_fast.train.init_parts import load_parts
 
-            load_parts(model, llm_from=cfg.model.llm_from, vit_from=cfg.model.vit_from)
-        full_sd = model.state_dict()
-    else:
-        model = MolmoE.from_config_on_meta(mcfg)
-        full_sd = {}
+            load_parts(source, llm_from=cfg.model.llm_from, vit_from=cfg.model.vit_from)
+        full_sd = source.state_dict()
+    model = MolmoE.from_config_on_meta(mcfg)
     parallelize(model, env.device, bf16=cfg.train.bf16, activation_checkpointing=cfg.train.activation_checkpointing,
                 compile_blocks=cfg.train.compile)
-    if env.is_main:
-        model.to(env.device)
-    else:
-        model.to_empty(device=env.device)
+    model.to_empty(device=env.device)
     ckpt.load_full_state_dict(model, full_sd)
     model.reset_runtime_buffers()
     return model.train()
