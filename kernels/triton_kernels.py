@@ -239,28 +239,48 @@ def _upper_bound(keys_ptr, value, P):
 
 @triton.jit
 def plan_kernel(
-    keys_ptr, offs_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, P, E, NUM_TILES,
-    HAVE_OFFS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, TILE_BLOCK: tl.constexpr,
+    src_ptr, pair_ptr, offs_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, P, E, NUM_TILES,
+    SOURCE: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """One program: expert offsets (binary search of the sorted keys, unless HAVE_OFFS) and the row-tile
-    plan of `routing.make_tiles`, replacing a dozen small torch launches per MoE layer (decode latency)."""
+    """One program builds the routing in place of a dozen small torch launches (decode latency).
+
+    SOURCE 0: src = offs (backward), only the row-tile plan of `routing.make_tiles` is written.
+    SOURCE 1: src = expert-sorted keys; offsets by binary search, then the plan.
+    SOURCE 2: src = expert_idx (small P); a stable counting sort also writes the sorted pair ids.
+    E_PAD > E: lane E counts the inactive pairs, which go last.
+    """
     e = tl.arange(0, E_PAD)
     e_mask = e < E
-    if HAVE_OFFS:
-        ends = tl.load(offs_ptr + e, mask=e_mask, other=0)
-        starts = tl.load(offs_ptr + e - 1, mask=e_mask & (e > 0), other=0)
-    else:
-        ends = _upper_bound(keys_ptr, e, P)
-        tl.store(offs_ptr + e, ends, mask=e_mask)
+    if SOURCE == 0:
+        ends = tl.load(src_ptr + e, mask=e_mask, other=0)
+        starts = tl.load(src_ptr + e - 1, mask=e_mask & (e > 0), other=0)
+    elif SOURCE == 1:
+        ends = _upper_bound(src_ptr, e, P)
         # starts[e] = ends[e - 1]: a register shift through a one-hot matrix (E_PAD^2 is tiny) saves a
         # second chain of dependent global loads.
         starts = tl.sum(tl.where(e[:, None] - 1 == e[None, :], ends[None, :], 0), axis=1)
+    else:
+        counts = tl.zeros((E_PAD,), dtype=tl.int32)
+        for p0 in range(0, P, CHUNK):
+            counts += tl.sum(_onehot_keys(src_ptr, p0, P, E, e, CHUNK).to(tl.int32), axis=0)
+        ends = tl.cumsum(counts, axis=0)
+        starts = ends - counts
+        next_row = starts
+        for p0 in range(0, P, CHUNK):
+            onehot = _onehot_keys(src_ptr, p0, P, E, e, CHUNK).to(tl.int32)
+            rank = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of the same expert in this chunk
+            row = tl.sum(onehot * (next_row[None, :] + rank), axis=1)
+            p = p0 + tl.arange(0, CHUNK)
+            tl.store(pair_ptr + row, p, mask=p < P)
+            next_row += tl.sum(onehot, axis=0)
+    if SOURCE != 0:
+        tl.store(offs_ptr + e, ends, mask=e_mask)
     tiles = tl.where(e_mask, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
     tile_end = tl.cumsum(tiles, axis=0)
     tile_base = starts - (tile_end - tiles) * BLOCK_M  # row_start of tile t of expert e = tile_base + t * BLOCK_M
     total = tl.sum(tiles, axis=0)
-    for t0 in range(0, NUM_TILES, TILE_BLOCK):
-        t = t0 + tl.arange(0, TILE_BLOCK)
+    for t0 in range(0, NUM_TILES, CHUNK):
+        t = t0 + tl.arange(0, CHUNK)
         expert = tl.sum((tile_end[None, :] <= t[:, None]).to(tl.int32), axis=1)
         onehot = e[None, :] == expert[:, None]
         used = t < total
@@ -270,6 +290,15 @@ def plan_kernel(
         tl.store(tile_expert_ptr + t, tl.where(used, expert, 0), mask=t_mask)
         tl.store(tile_start_ptr + t, tl.where(used, row_start, 0), mask=t_mask)
         tl.store(tile_end_ptr + t, tl.where(used, row_end, 0), mask=t_mask)
+
+
+@triton.jit
+def _onehot_keys(idx_ptr, p0, P, E, e, CHUNK: tl.constexpr):
+    """[CHUNK, E_PAD] one-hot of pairs p0.. by expert; inactive slots (index outside [0, E)) on lane E."""
+    p = p0 + tl.arange(0, CHUNK)
+    idx = tl.load(idx_ptr + p, mask=p < P, other=-1)
+    key = tl.where((idx >= 0) & (idx < E), idx, E)
+    return (key[:, None] == e[None, :]) & (p < P)[:, None]
 
 
 def compiled_variants() -> int:

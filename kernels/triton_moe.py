@@ -34,15 +34,35 @@ def _gemm(a, b, c, tiles, *, aux, pair, n, kred, k_slots, b_strides, b_half=0, a
     )
 
 
-def _plan(routing: Routing, block_m: int, key_sorted_P=None) -> Tiles:
-    """Row-tile plan in one launch; with `key_sorted_P` it also fills routing.offs_E (forward)."""
+# Up to this many pairs the routing is one counting-sort launch; above, torch.sort (several launches,
+# but a single-program sort would serialise a large batch).
+SMALL_PAIRS = 1024
+
+
+def _route(expert_idx_TK, num_experts: int, block_m: int) -> tuple[Routing, Tiles]:
+    """Forward routing: pairs bucketed by expert, offsets and the row-tile plan; no host sync."""
+    P = expert_idx_TK.numel()
+    offs_E = expert_idx_TK.new_empty(num_experts, dtype=torch.int32)
+    if P <= SMALL_PAIRS:
+        routing = Routing(expert_idx_TK.new_empty(P, dtype=torch.int32), offs_E)
+        return routing, _launch_plan(2, expert_idx_TK, routing, block_m)
+    key_sorted_P, sorted_pair_P = sort_pairs(expert_idx_TK, num_experts)
+    routing = Routing(sorted_pair_P, offs_E)
+    return routing, _launch_plan(1, key_sorted_P, routing, block_m)
+
+
+def _plan(routing: Routing, block_m: int) -> Tiles:
+    """Backward: the row-tile plan again, from the saved offsets."""
+    return _launch_plan(0, routing.offs_E, routing, block_m)
+
+
+def _launch_plan(source: int, src, routing: Routing, block_m: int) -> Tiles:
     E, P = routing.offs_E.numel(), routing.sorted_pair_P.numel()
     n = max_tiles(P, E, block_m)
     tiles = Tiles(*(routing.offs_E.new_empty(n) for _ in range(3)))
     tk.plan_kernel[(1,)](
-        routing.offs_E if key_sorted_P is None else key_sorted_P, routing.offs_E,
-        tiles.expert, tiles.row_start, tiles.row_end, P, E, n,
-        HAVE_OFFS=key_sorted_P is None, BLOCK_M=block_m, E_PAD=triton.next_power_of_2(E), TILE_BLOCK=128,
+        src, routing.sorted_pair_P, routing.offs_E, tiles.expert, tiles.row_start, tiles.row_end, P, E, n,
+        SOURCE=source, BLOCK_M=block_m, E_PAD=triton.next_power_of_2(E + 1), CHUNK=128,
     )
     return tiles
 
@@ -66,10 +86,8 @@ def moe_fwd(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, save: boo
     P = T * K
     expert_idx_TK = expert_idx_TK.contiguous()
     weight_TK = weight_TK.contiguous()
-    key_sorted_P, sorted_pair_P = sort_pairs(expert_idx_TK, E)
-    routing = Routing(sorted_pair_P, sorted_pair_P.new_empty(E))
     block_m = block_m_for(P, E)
-    tiles = _plan(routing, block_m, key_sorted_P)
+    routing, tiles = _route(expert_idx_TK, E, block_m)
     pair = routing.sorted_pair_P
 
     a_PH = x_TD.new_empty(P, H)

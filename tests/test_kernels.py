@@ -153,18 +153,18 @@ def test_routing_tiles_cover_each_active_pair_once():
 
 
 @needs_interpreter
+@pytest.mark.parametrize("small", [True, False])  # one-launch counting sort / torch.sort + binary search
 @pytest.mark.parametrize("T,K,E,block_m", [(13, 4, 8, 16), (40, 2, 4, 16), (1, 4, 8, 16), (300, 8, 64, 32)])
-def test_triton_plan_matches_torch_reference(T, K, E, block_m):
+def test_triton_routing_matches_torch_reference(T, K, E, block_m, small, monkeypatch):
     from molmo_fast.kernels import triton_moe
-    from molmo_fast.kernels.routing import Routing, sort_pairs
 
+    monkeypatch.setattr(triton_moe, "SMALL_PAIRS", T * K if small else 0)
     idx_TK = torch.randint(-1, E, (T, K), generator=torch.Generator().manual_seed(T))
     want = route(idx_TK, E)
     want_tiles = make_tiles(want, block_m)
-    key_sorted_P, sorted_pair_P = sort_pairs(idx_TK, E)
-    got = Routing(sorted_pair_P, sorted_pair_P.new_full((E,), -1))
-    for tiles in (triton_moe._plan(got, block_m, key_sorted_P), triton_moe._plan(want, block_m)):
-        assert torch.equal(got.offs_E, want.offs_E)
+    got, got_tiles = triton_moe._route(idx_TK, E, block_m)
+    assert torch.equal(got.sorted_pair_P, want.sorted_pair_P) and torch.equal(got.offs_E, want.offs_E)
+    for tiles in (got_tiles, triton_moe._plan(want, block_m)):  # the backward rebuilds it from offsets
         for name in ("expert", "row_start", "row_end"):
             assert torch.equal(getattr(tiles, name), getattr(want_tiles, name)), name
 

@@ -42,8 +42,8 @@ def _compile_all() -> list[dict]:
         for name, value in vars(triton_kernels).items()
     })
 
-    # Prefill-like (BLOCK_M = 128) in bf16 and decode-like (BLOCK_M = 16) in fp16.
-    for T, D, H, E, K, dtype in [(256, 256, 128, 8, 4, torch.bfloat16), (1, 256, 128, 64, 8, torch.float16)]:
+    # Prefill-like (BLOCK_M = 128, torch.sort routing) in bf16, decode-like (BLOCK_M = 16, counting sort) in fp16.
+    for T, D, H, E, K, dtype in [(512, 256, 128, 8, 4, torch.bfloat16), (1, 256, 128, 64, 8, torch.float16)]:
         x_TD = torch.randn(T, D, dtype=dtype)
         w_gate_up_EHD = torch.randn(E, 2 * H, D, dtype=dtype)
         w_down_EDH = torch.randn(E, D, H, dtype=dtype)
@@ -85,7 +85,7 @@ def _compile_all() -> list[dict]:
         ttgir = compiled.asm["ttgir"]
         results.append({
             "kernel": fn.__name__, "tuned": tuned, "shared": compiled.metadata.shared,
-            "block_m": constexprs.get("BLOCK_M"),
+            "block_m": constexprs.get("BLOCK_M"), "source": constexprs.get("SOURCE"),
             "wgmma": "warp_group_dot" in ttgir, "pipelined": "async_copy_global_to_local" in ttgir,
         })
     return results
@@ -100,6 +100,7 @@ def test_kernels_build_for_hopper():
     names = [r["kernel"] for r in results]
     assert names.count("grouped_gemm_kernel") == 8 and names.count("grouped_wgrad_kernel") == 4, names
     assert {"plan_kernel", "combine_kernel"} <= set(names)
+    assert {r["source"] for r in results if r["kernel"] == "plan_kernel"} == {0, 1, 2}
     assert {r["block_m"] for r in results if r["kernel"] == "grouped_gemm_kernel"} == {16, 128}
     for r in results:
         assert r["shared"] <= H100_SHARED_BYTES, r
