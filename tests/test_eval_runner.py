@@ -103,8 +103,9 @@ def test_ranks_score_every_example_exactly_once(checkpoint, data_dir, tmp_path):
 
 def test_resume_generates_only_missing_examples(checkpoint, data_dir, tmp_path, monkeypatch):
     cfg = _cfg(checkpoint, data_dir, tmp_path)
-    full = _rows(tmp_path / "synthetic_charts" / "predictions.jsonl") if runner.run(cfg) else None
+    runner.run(cfg)
     pred_file = tmp_path / "synthetic_charts" / "predictions.jsonl"
+    full = _rows(pred_file)
     pred_file.unlink()  # a killed run leaves only its rank file, the last line cut short
     rank_file = tmp_path / "synthetic_charts" / "predictions.rank0.jsonl"
     rank_file.write_text("".join(json.dumps(r) + "\n" for r in full[:4]) + '{"id": "cut sh')

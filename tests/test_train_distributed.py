@@ -107,6 +107,17 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, shards
     assert len(set(a.values())) == 4  # the model is learning, so equal curves are not a coincidence
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
+    # The run dir describes itself, and TensorBoard holds the same curve as metrics.jsonl.
+    for name in ("config.gin", "operative_config.gin", "git_revision.txt", "model_config.json",
+                 "preprocessor/preprocessor_config.json"):
+        assert (two / name).is_file(), name
+    assert "TrainConfig.max_steps = 4" in (two / "operative_config.gin").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(two / "tb")).Reload()
+    assert {"train/loss", "optim/grad_norm/llm", "optim/lr/connector", "perf/tokens_per_s",
+            "moe/expert_load_cv"} <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([b[s] for s in sorted(b)])
     # Both ranks wrote their shards of the same checkpoint.
     assert sorted(p.name for p in (two / "checkpoints" / "step_4").glob("*.distcp")) == ["__0_0.distcp",
                                                                                         "__1_0.distcp"]

@@ -115,3 +115,35 @@ def test_clipping_is_per_component():
     # Only the exploding component was scaled; the others keep their (small) gradients.
     assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in groups["vit"]])) == pytest.approx(1.0, rel=1e-4)
     assert model.connector.weight.grad[0, 0].item() == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("lb_weight", [0.0, 0.5])
+def test_loss_is_normalised_by_the_divisor_and_adds_moe_aux_only_when_weighted(lb_weight):
+    from molmo_fast.config import MolmoEConfig
+    from molmo_fast.model.molmoe import MolmoE
+    from molmo_fast.train.trainer import micro_batch_loss
+
+    mcfg = MolmoEConfig.from_name("tiny")
+    mcfg.moe.load_balancing_weight = lb_weight
+    mcfg.dropout.residual = 0.0  # the reference forward below must see the same network
+    model = MolmoE.from_config_on_meta(mcfg).init_weights(seed=0).train()
+    cfg = load_config([str(REPO / "gin" / "tiny.gin")], BASE + ["TrainConfig.lm_zloss_weight = 0.25"])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 12), generator=g)
+    loss_masks = torch.zeros(2, 12)
+    loss_masks[0, 8:] = 1.0
+    loss_masks[1, 5:7] = 0.5  # fractional weights (e.g. root-subsegment weighting) count as weights
+    batch = {"input_ids": ids, "labels": ids, "loss_masks": loss_masks}
+    loss, parts, _ = micro_batch_loss(model, batch, torch.tensor(10.0), cfg, n_micro=2, want_router=False)
+
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(2, 12)
+    assert parts["lm_loss"] == pytest.approx(float((ce * loss_masks).sum() / 10.0), rel=1e-5)
+    expected = parts["lm_loss"] + 0.25 * parts["zloss"]
+    if lb_weight:
+        assert parts["moe_aux_loss"] > 0
+        expected = expected + parts["moe_aux_loss"]
+    else:
+        assert "moe_aux_loss" not in parts
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)

@@ -76,7 +76,8 @@ class DataConfig:
     sets are generated under `synthetic_dir` on first use and join `shards` under their own names. Mixing: `groups`
     (`{group: (weight, [names])}`, sqrt-size within a group, `size_overrides` capping sizes) if given, else `rates`
     (`{name: rate}`), else uniform. `preprocessor` is a directory of release files; `image_overrides` are
-    preprocessor_config.json keys applied on top (e.g. a small crop size for CPU runs). With
+    preprocessor_config.json keys applied on top (e.g. a small crop size for CPU runs) and `max_crops`, when set,
+    overrides its tile count (batches hold the global view + max_crops tiles). With
     `world_independent`, every rank reads the one global stream and keeps its slice, so the batches of a step do
     not depend on the world size (at the cost of redundant preprocessing; meant for tests and reproductions).
     """

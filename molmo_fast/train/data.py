@@ -73,9 +73,11 @@ class TrainData:
             self.offset, rows, rank, world_size = rank * rows, rows * world_size, 0, 1
         else:
             self.offset = 0
-        loader_cfg = LoaderConfig(batch_size=rows, sequence_length=cfg.sequence_length, max_crops=cfg.max_crops,
-                                  seed=cfg.seed, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer)
         preprocessor = Preprocessor.from_pretrained(preprocessor_dir)
+        # Crops are padded to the global view + max_crops tiles, so every batch of the run has one shape.
+        loader_cfg = LoaderConfig(batch_size=rows, sequence_length=cfg.sequence_length,
+                                  max_crops=preprocessor.max_crops + 1, seed=cfg.seed, num_workers=cfg.num_workers,
+                                  shuffle_buffer=cfg.shuffle_buffer)
         self.loader = TrainLoader(build_mixture(cfg), preprocessor, loader_cfg, rank, world_size, start_step)
         self._it = iter(self.loader)
 

@@ -12,9 +12,9 @@ from torch.distributed._composable import checkpoint
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Every ModuleList of parameterised blocks in the model (ViT blocks, LLM blocks)."""
-    return [(name, m) for name, m in model.named_modules()
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """Every ModuleList of parameterised blocks in the model (ViT blocks, LLM blocks), in forward order."""
+    return [m for m in model.modules()
             if isinstance(m, nn.ModuleList) and len(m) and all(any(True for _ in b.parameters()) for b in m)]
 
 
@@ -27,15 +27,15 @@ def parallelize(model: nn.Module, device: torch.device, *, bf16: bool, activatio
     else:
         mp = MixedPrecisionPolicy()
     mesh = dist.init_device_mesh(device.type, (dist.get_world_size(),))
-    for _, blocks in block_lists(model):
-        for i, block in enumerate(blocks):
-            if activation_checkpointing:
-                checkpoint(block)
-            if compile_blocks:
-                # Compile the forward only: the AC and FSDP hooks stay eager and parameter names keep no
-                # `_orig_mod` prefix, so checkpoints do not depend on the compile switch.
-                block.forward = torch.compile(block.forward)
-            # The last block's params are needed right away by backward, so resharding it after forward is waste.
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    blocks = [block for blocks in block_lists(model) for block in blocks]
+    for block in blocks:
+        if activation_checkpointing:
+            checkpoint(block)
+        if compile_blocks:
+            # Compile the forward only: the AC and FSDP hooks stay eager and parameter names keep no
+            # `_orig_mod` prefix, so checkpoints do not depend on the compile switch.
+            block.forward = torch.compile(block.forward)
+        # Backward starts with the last block, so resharding its parameters after forward would be waste.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=block is not blocks[-1])
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

@@ -46,16 +46,16 @@ class Env:
 def init_distributed() -> Env:
     """Joins the torchrun group, or makes a one-process group so single-process runs take the same code path."""
     cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        if "RANK" in os.environ:
-            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
-                                    timeout=datetime.timedelta(minutes=30))
-        else:
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return Env(dist.get_rank(), dist.get_world_size(), device)
 
 
