@@ -146,4 +146,19 @@ def test_loss_is_normalised_by_the_divisor_and_adds_moe_aux_only_when_weighted(l
         expected = expected + parts["moe_aux_loss"]
     else:
         assert "moe_aux_loss" not in parts
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert loss.detach().item() == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_fan_in_vision_init_touches_only_vit_and_connector_linears():
+    from molmo_fast.config import MolmoEConfig
+    from molmo_fast.model.molmoe import MolmoE
+    from molmo_fast.train.trainer import fan_in_init
+
+    model = MolmoE.from_config_on_meta(MolmoEConfig.from_name("tiny")).init_weights(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fan_in_init(model, ("vit.", "connector."), seed=0)
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith(("vit.", "connector.")) and k.endswith(".weight") for k in changed)
+    w = model.connector.projector.w2.weight  # the SwiGLU output projection that starves at std 0.02
+    assert w.std().item() == pytest.approx(w.shape[1] ** -0.5, rel=0.2)

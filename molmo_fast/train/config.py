@@ -29,6 +29,9 @@ class ModelConfig:
     `preset` names a `MolmoEConfig` preset; `hf_overrides` are HF config.json keys applied on top (use
     `vision_backbone.KEY` for the vision tower). `init_from` is an HF MolmoE checkpoint directory; `llm_from` /
     `vit_from` initialise the LLM from an HF OLMoE directory and the ViT from an HF CLIP directory instead.
+    `vision_init = "fan_in"` draws the fresh ViT + connector linear weights with std 1/sqrt(fan_in) instead of
+    MolmoE's 0.02, which is sized for CLIP-L / OLMoE widths: at tiny widths the connector's SwiGLU then starts
+    with outputs ~1e-7 and the image never reaches the LLM (training from scratch only; Molmo starts from CLIP).
     """
 
     preset: str = "tiny"
@@ -37,9 +40,12 @@ class ModelConfig:
     llm_from: str | None = None
     vit_from: str | None = None
     init_seed: int = 6198
+    vision_init: str = "default"
     moe_impl: str = "auto"
 
     def __post_init__(self):
+        _require(self.vision_init in ("default", "fan_in"), "ModelConfig", "vision_init", self.vision_init,
+                 "'default' or 'fan_in'")
         _require(not (self.init_from and (self.llm_from or self.vit_from)), "ModelConfig", "init_from",
                  self.init_from, "either init_from or llm_from/vit_from, not both")
         _require(self.moe_impl in ("auto", "loop", "grouped_mm", "triton"), "ModelConfig", "moe_impl",

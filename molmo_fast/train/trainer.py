@@ -94,6 +94,15 @@ def prepare_run_dir(cfg: Config, env: Env, resuming: bool) -> Path:
     return run_dir
 
 
+@torch.no_grad()
+def fan_in_init(model: nn.Module, prefixes: tuple[str, ...], seed: int) -> None:
+    """Redraws the weights of the Linear layers under `prefixes` with std 1/sqrt(fan_in) (see ModelConfig)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.startswith(prefixes):
+            module.weight.normal_(0.0, module.weight.shape[1] ** -0.5, generator=g)
+
+
 def build_model(cfg: Config, env: Env) -> nn.Module:
     """Every rank builds the model on meta and shards it; rank 0 alone materialises the initial weights on CPU
     (HF checkpoint, parts, or fresh init) and broadcasts them, so the start is identical whatever the world size."""
@@ -110,6 +119,8 @@ def build_model(cfg: Config, env: Env) -> nn.Module:
             source = MolmoE.from_pretrained(cfg.model.init_from, dtype=torch.float32, device="cpu")
         else:
             source = MolmoE.from_config_on_meta(mcfg).init_weights(cfg.model.init_seed)
+            if cfg.model.vision_init == "fan_in":
+                fan_in_init(source, ("vit.", "connector."), cfg.model.init_seed)
         if cfg.model.llm_from or cfg.model.vit_from:
             from molmo_fast.train.init_parts import load_parts
 
