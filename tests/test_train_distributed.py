@@ -171,3 +171,11 @@ def test_nan_guard_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_
     assert "non-finite" in proc.stderr and "last good checkpoint" in proc.stderr
     steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*")]
     assert steps and max(steps) < 6
+
+
+def test_compiled_blocks_train_exactly_like_eager(tmp_path, shards):
+    no_dropout = {"TrainConfig.max_steps": 3, "TrainConfig.activation_checkpointing": True,
+                  "ModelConfig.hf_overrides": "{'vocab_size': 50280, 'embedding_size': 50304, 'residual_dropout': 0.0}"}
+    _run(_args(tmp_path / "eager", shards, **no_dropout))
+    _run(_args(tmp_path / "compiled", shards, **no_dropout, **{"TrainConfig.compile": True}))
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-5)
