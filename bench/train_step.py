@@ -18,9 +18,9 @@ import torch
 
 from molmo_fast.config import MolmoEConfig
 from molmo_fast.model.molmoe import MolmoE
-from molmo_fast.train.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from molmo_fast.train.metrics import peak_flops, step_flops
-from molmo_fast.train.trainer import micro_batch_loss
+from molmo_fast.train.config import TrainConfig
+from molmo_fast.train.metrics import FlopCounter, peak_flops
+from molmo_fast.train.trainer import loss_positions, micro_batch_loss
 
 
 def synthetic_batch(cfg: MolmoEConfig, batch: int, seq_len: int, device: torch.device, seed: int = 0) -> dict:
@@ -62,12 +62,12 @@ def build(preset: str, impl: str, device: torch.device, dtype: torch.dtype, comp
 def bench_one(args, impl: str, compiled: bool, device: torch.device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build(args.preset, impl, device, dtype, compiled)
-    run_cfg = Config(ModelConfig(), DataConfig(shards={"unused": "-"}), OptimConfig(), TrainConfig(run_dir="-"))
     batch = synthetic_batch(model.config, args.micro_batch, args.seq_len, device)
-    divisor = batch["loss_masks"].sum()
+    batch.update(loss_positions(batch))
+    divisor = batch["loss_tokens"]
 
     def step():
-        loss, _, _ = micro_batch_loss(model, batch, divisor, run_cfg, 1, want_router=False)
+        loss, _, _ = micro_batch_loss(model, batch, divisor, TrainConfig.lm_zloss_weight, 1, want_router=False)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -84,7 +84,8 @@ def bench_one(args, impl: str, compiled: bool, device: torch.device) -> dict:
     elapsed = (time.perf_counter() - start) / args.steps
     tokens = args.micro_batch * args.seq_len
     n_active = model.num_parameters(active=True)
-    flops = step_flops(model, args.micro_batch, args.seq_len, batch["images"].shape[0] * batch["images"].shape[1])
+    flops = FlopCounter(model)(args.micro_batch, args.seq_len, batch["images"].shape[0] * batch["images"].shape[1],
+                               batch["loss_at"].numel())
     peak = peak_flops(device, args.peak_flops)
     row = {"impl": impl, "mode": "compiled" if compiled else "eager", "step_s": elapsed,
            "tokens_per_s": tokens / elapsed, "mfu_pct": 100 * flops / elapsed / peak if peak else None,

@@ -2,6 +2,7 @@
 
 import math
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,27 @@ from molmo_fast.train.config import OptimConfig, load_config
 from molmo_fast.train.optim import build_optimizer, clip_grad_norms, lr_at, param_group, set_learning_rates
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = ["TrainConfig.run_dir = '/tmp/unused'", "DataConfig.shards = {'a': '/tmp/a'}"]
 
 
-def test_config_resolves_to_plain_picklable_dataclasses():
+def fake_shard_set(path: Path) -> Path:
+    """What the config check looks at: shard files listed by a sizes.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "shard-000000.tar").write_bytes(b"")
+    (path / "sizes.json").write_text('{"shard-000000.tar": 1}')
+    return path
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory) -> Path:
+    return fake_shard_set(tmp_path_factory.mktemp("data") / "a")
+
+
+@pytest.fixture
+def BASE(shard_set) -> list[str]:
+    return ["TrainConfig.run_dir = '/tmp/unused'", f"DataConfig.shards = {{'a': '{shard_set}'}}"]
+
+
+def test_config_resolves_to_plain_picklable_dataclasses(BASE):
     cfg = load_config([str(REPO / "gin" / "tiny.gin")], BASE + ["TrainConfig.max_steps = 7"])
     assert cfg.train.max_steps == 7 and cfg.data.sequence_length == 256
     clone = pickle.loads(pickle.dumps(cfg))  # what DataLoader workers receive under spawn
@@ -32,7 +50,7 @@ def test_config_resolves_to_plain_picklable_dataclasses():
     ("TrainConfig.max_steps = 0", "TrainConfig.max_steps"),
     ("OptimConfig.lr = {'vit': 1.0}", "OptimConfig.lr"),
 ])
-def test_bad_binding_fails_at_load_naming_it(binding, named):
+def test_bad_binding_fails_at_load_naming_it(binding, named, BASE):
     with pytest.raises(SystemExit, match=named):
         load_config([str(REPO / "gin" / "tiny.gin")], BASE + [binding])
 
@@ -47,23 +65,79 @@ def test_cli_bad_binding_fails_before_training(tmp_path):
     assert not run_dir.exists()  # nothing was started
 
 
-def test_bad_model_override_is_named():
+def test_bad_model_override_is_named(BASE):
     cfg = load_config([str(REPO / "gin" / "tiny.gin")], BASE + ["ModelConfig.hf_overrides = {'d_modle': 8}"])
     with pytest.raises(ValueError, match="d_modle"):
         cfg.model.build_config()
 
 
 @pytest.mark.parametrize("name", ["demo", "tiny", "molmoe_1b", "pixmo", "pixmo_finetune"])
-def test_every_gin_file_parses_and_lists_its_macros(name):
+def test_every_gin_file_parses_and_lists_its_macros(name, BASE, tmp_path):
     text = (REPO / "gin" / f"{name}.gin").read_text()
     assert text.startswith("#") and "Required macros" in text.split("\n\n")[0]
-    macros = {"PIXMO_CAP_SHARDS": "'/tmp/pixmo'", "FINETUNE_SHARDS_ROOT": "'/tmp/ft'",
-              "INIT_CHECKPOINT": "'/tmp/init'", "RUN_DIR": "'/tmp/unused'"}
-    params = [f"{k} = {v}" for k, v in macros.items() if f"{k} = %gin.REQUIRED" in text]
-    if "TrainConfig.run_dir" not in text:  # model/size mixins: the recipe supplies data and run dir
-        params += BASE
+    assert "%gin.REQUIRED" not in text  # `python -m molmo_fast.train --gin_file gin/X.gin` runs as is
+    # Recipes bind the run dir through RUN_DIR; model/size mixins leave run dir and data to the recipe.
+    params = ["RUN_DIR = '/tmp/unused'"] if "TrainConfig.run_dir" in text else BASE
+    if name == "pixmo":
+        params.append(f"PIXMO_CAP_SHARDS = '{fake_shard_set(tmp_path / 'pixmo_cap')}'")
+    if name == "pixmo_finetune":
+        (tmp_path / "init").mkdir()
+        (tmp_path / "init" / "config.json").write_text("{}")
+        for macro in ("DEMO", "AUX", "POINTING"):
+            for set_name in re.search(rf"^{macro} = \[(.*?)\]", text, re.M | re.S).group(1).split(","):
+                fake_shard_set(tmp_path / "data" / set_name.strip().strip('"'))
+        params += [f"FINETUNE_SHARDS_ROOT = '{tmp_path / 'data'}'", f"INIT_CHECKPOINT = '{tmp_path / 'init'}'"]
     cfg = load_config([str(REPO / "gin" / f"{name}.gin")], params)
     assert cfg.train.global_batch_size > 0
+    if name in ("pixmo", "pixmo_finetune"):
+        assert cfg.model.preset == "molmoe-1b"  # the include resolved
+
+
+@pytest.mark.parametrize("recipe, field, default", [("pixmo", "DataConfig.shards['pixmo_cap']", "data/pixmo_cap"),
+                                                     ("pixmo_finetune", "DataConfig.shards['vqa_v2']", "data/vqa_v2")])
+def test_recipe_defaults_fail_fast_naming_the_missing_shards_from_any_cwd(tmp_path, recipe, field, default):
+    """The users' exact command, run where nothing was built (and outside the repo, so includes must resolve
+    through the gin directory): it stops at config time, before a run dir or a model exists."""
+    if recipe == "pixmo_finetune":
+        (tmp_path / "runs" / "pixmo" / "hf").mkdir(parents=True)
+        (tmp_path / "runs" / "pixmo" / "hf" / "config.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "molmo_fast.train", "--gin_file", str(REPO / "gin" / f"{recipe}.gin")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert field in proc.stderr and repr(default) in proc.stderr
+    source = default.split("/")[1]
+    assert f"python -m molmo_fast.data.build --source {source} --out {default}" in proc.stderr
+    assert "Path not found" not in proc.stderr  # gin's search-path misses stay quiet
+    assert not (tmp_path / "runs" / recipe).exists()
+
+
+@pytest.mark.parametrize("breakage", ["missing", "empty", "stale"])
+def test_a_shard_set_that_is_not_built_is_named_at_load(tmp_path, breakage):
+    path = tmp_path / "caps"
+    if breakage != "missing":
+        path.mkdir()
+    if breakage == "stale":  # sizes.json lists a shard that is gone (an interrupted rebuild)
+        (path / "sizes.json").write_text('{"shard-000000.tar": 3}')
+    good = fake_shard_set(tmp_path / "good")
+    params = ["RUN_DIR = '/tmp/unused'", f"DataConfig.shards = {{'good': '{good}', 'pixmo_cap': '{path}'}}"]
+    with pytest.raises(SystemExit, match=r"DataConfig.shards\['pixmo_cap'\]") as info:
+        load_config([str(REPO / "gin" / "demo.gin")], params)
+    assert str(path) in str(info.value) and f"--source pixmo_cap --out {path}" in str(info.value)
+    assert "'good'" not in str(info.value)
+
+
+def test_includes_resolve_from_any_cwd(tmp_path, monkeypatch):
+    """A user's gin file elsewhere includes a repo recipe by name and a sibling file by its relative name."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "extra.gin").write_text("TrainConfig.max_steps = 3\n")
+    (tmp_path / "conf" / "mine.gin").write_text("include 'demo.gin'\ninclude 'extra.gin'\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(["../conf/mine.gin"], ["RUN_DIR = 'runs/x'"])
+    assert cfg.train.max_steps == 3  # the sibling include
+    assert cfg.data.sequence_length == 48 and cfg.model.preset == "tiny"  # demo.gin and its own include
+    with pytest.raises(SystemExit, match="nothing_like_this.gin"):
+        load_config(["../conf/mine.gin", "nothing_like_this.gin"])
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
@@ -121,20 +195,21 @@ def test_clipping_is_per_component():
 def test_loss_is_normalised_by_the_divisor_and_adds_moe_aux_only_when_weighted(lb_weight):
     from molmo_fast.config import MolmoEConfig
     from molmo_fast.model.molmoe import MolmoE
-    from molmo_fast.train.trainer import micro_batch_loss
+    from molmo_fast.train.trainer import loss_positions, micro_batch_loss
 
     mcfg = MolmoEConfig.from_name("tiny")
     mcfg.moe.load_balancing_weight = lb_weight
     mcfg.dropout.residual = 0.0  # the reference forward below must see the same network
     model = MolmoE.from_config_on_meta(mcfg).init_weights(seed=0).train()
-    cfg = load_config([str(REPO / "gin" / "tiny.gin")], BASE + ["TrainConfig.lm_zloss_weight = 0.25"])
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1000, (2, 12), generator=g)
     loss_masks = torch.zeros(2, 12)
     loss_masks[0, 8:] = 1.0
     loss_masks[1, 5:7] = 0.5  # fractional weights (e.g. root-subsegment weighting) count as weights
     batch = {"input_ids": ids, "labels": ids, "loss_masks": loss_masks}
-    loss, parts, _ = micro_batch_loss(model, batch, torch.tensor(10.0), cfg, n_micro=2, want_router=False)
+    batch.update(loss_positions(batch))
+    assert batch["loss_at"].shape == (2, 4) and float(batch["loss_tokens"]) == pytest.approx(5.0)
+    loss, parts, _ = micro_batch_loss(model, batch, torch.tensor(10.0), 0.25, n_micro=2, want_router=False)
 
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
@@ -149,16 +224,48 @@ def test_loss_is_normalised_by_the_divisor_and_adds_moe_aux_only_when_weighted(l
     assert loss.detach().item() == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_fan_in_vision_init_touches_only_vit_and_connector_linears():
+def _tiny_model(**init):
     from molmo_fast.config import MolmoEConfig
     from molmo_fast.model.molmoe import MolmoE
-    from molmo_fast.train.trainer import fan_in_init
 
-    model = MolmoE.from_config_on_meta(MolmoEConfig.from_name("tiny")).init_weights(seed=0)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    fan_in_init(model, ("vit.", "connector."), seed=0)
-    after = model.state_dict()
-    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    return MolmoE.from_config_on_meta(MolmoEConfig.from_name("tiny")).init_weights(seed=0, **init)
+
+
+def test_fan_in_init_scheme_changes_only_vit_and_connector_linears():
+    default, fan_in = _tiny_model().state_dict(), _tiny_model(scheme="fan_in")
+    changed = {k for k, v in fan_in.state_dict().items() if not torch.equal(v, default[k])}
     assert changed and all(k.startswith(("vit.", "connector.")) and k.endswith(".weight") for k in changed)
-    w = model.connector.projector.w2.weight  # the SwiGLU output projection that starves at std 0.02
+    w = fan_in.connector.projector.w2.weight  # the SwiGLU output projection that starves at std 0.02
     assert w.std().item() == pytest.approx(w.shape[1] ** -0.5, rel=0.2)
+    with pytest.raises(ValueError, match="scheme"):
+        _tiny_model(scheme="xavier")
+
+
+def test_training_forward_returns_no_views():
+    """FSDP2 warns (and can skip the pre-backward all-gather under in-place ops) when a sharded module returns a
+    view; the root returns the logits and the image features."""
+    model = _tiny_model().train()
+    cfg = model.config
+    tokens = model.connector.tokens_per_crop
+    images = torch.randn(2, 2, cfg.vision.num_patches, cfg.vision.patch_dim)
+    idx = torch.arange(2 * tokens).view(1, 2, tokens).expand(2, -1, -1).contiguous()
+    out = model(input_ids=torch.randint(0, 100, (2, 2 * tokens + 4)), images=images, image_input_idx=idx,
+                image_masks=torch.ones(2, 2, cfg.vision.num_patches), logits_at=torch.zeros(2, 1, dtype=torch.long))
+    assert out.image_features.shape == (2, 2, tokens, cfg.llm.d_model)
+    assert out.image_features._base is None and out.logits._base is None
+
+
+def test_flops_count_lm_head_per_loss_position_and_no_embedding():
+    from molmo_fast.train.metrics import FlopCounter
+
+    model = _tiny_model()
+    count = FlopCounter(model)
+    numel = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count.n_llm + numel(model.vit) + count.n_connector + count.n_head + numel(model.llm.wte) == \
+        model.num_parameters(active=True)
+    unused = model.vit.blocks[max(model.vit_layer_idx) + 1:]  # blocks after the deepest one the connector reads
+    assert count.n_vit == numel(model.vit) - sum(numel(b) for b in unused)
+    assert count(1, 16, 0, 5) - count(1, 16, 0, 0) == 30 * model.llm.lm_head.weight.numel()
+    per_crop = count(1, 16, 1, 0) - count(1, 16, 0, 0)
+    assert count(1, 16, 3, 0) - count(1, 16, 0, 0) == pytest.approx(3 * per_crop)
+    assert per_crop > 6 * count.n_vit * model.config.vision.num_patches

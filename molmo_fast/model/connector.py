@@ -43,8 +43,11 @@ class Connector(nn.Module):
         (h, w), (ph, pw) = self.patch_grid, self.pool_hw
         return math.ceil(h / ph) * math.ceil(w / pw)
 
-    def forward(self, feats_NPC: torch.Tensor, masks_NP: torch.Tensor | None) -> torch.Tensor:
-        """feats [crops, patches, C], masks [crops, patches] -> image tokens [crops, tokens_per_crop, d_model]."""
+    def forward(self, feats_NPC: torch.Tensor, masks_NP: torch.Tensor | None,
+                crops_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """feats [crops, patches, C], masks [crops, patches] -> image tokens [*crops_shape, tokens_per_crop, d_model]
+        (`crops_shape` defaults to (crops,)). The projector writes that shape directly, so the result is a fresh
+        tensor, not a view (FSDP2 must not see a view as a module output)."""
         if masks_NP is not None:
             # Row 0: fully padded patch; row 1: partially padded patch -- and, via `< 1`, the preprocessor's
             # all -1 mask rows (its legacy off-by-one), which the reference weights were trained with.
@@ -62,4 +65,4 @@ class Connector(nn.Module):
         windows = grid.view(N, h // ph, ph, w // pw, pw, C).permute(0, 1, 3, 2, 4, 5)
         windows = windows.reshape(N * (h // ph) * (w // pw), ph * pw, C)
         pooled = self.pool(windows, query=windows.mean(dim=1, keepdim=True))
-        return self.projector(pooled).view(N, (h // ph) * (w // pw), -1)
+        return self.projector(pooled.view(*(crops_shape or (N,)), (h // ph) * (w // pw), -1))

@@ -20,6 +20,8 @@ from molmo_fast.model.hf_checkpoint import SafetensorsReader, load_hf_state_dict
 from molmo_fast.model.llm import LLM
 from molmo_fast.model.vit import VisionTransformer
 
+INIT_SCHEMES = ("default", "fan_in")
+
 
 @dataclass
 class MolmoEOutput:
@@ -64,8 +66,7 @@ class MolmoE(nn.Module):
             real = self._vit_features(crops[keep])
             feats = real.new_zeros(B * N, *real.shape[1:]).index_copy(0, keep, real)
         masks = image_masks.reshape(B * N, P) if image_masks is not None else None
-        image_features = self.connector(feats, masks)
-        return feats.view(B, N, P, -1), image_features.view(B, N, image_features.shape[1], -1)
+        return feats.view(B, N, P, -1), self.connector(feats, masks, crops_shape=(B, N))
 
     def _vit_features(self, crops_NPC: torch.Tensor) -> torch.Tensor:
         """Concat of the `vit_layers` hidden states, CLS dropped: [N, P, C * len(vit_layers)]."""
@@ -107,26 +108,35 @@ class MolmoE(nn.Module):
             block.moe.top_k = torch.tensor(block.moe.k, device=device)
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0, device: str | torch.device | None = None) -> "MolmoE":
+    def init_weights(self, seed: int = 0, device: str | torch.device | None = None,
+                     scheme: str = "default") -> "MolmoE":
         """Random init for training from scratch (materialises meta tensors on `device`, default cpu).
 
-        Linear/expert/embedding weights: truncated normal std 0.02 (3 std cut, as the MolmoE config's init_std /
-        init_cutoff_factor); norms 1, biases 0, pad_embed 0; CLIP-style emb^-0.5 for the class/positional
-        embeddings."""
+        `scheme="default"`: linear/expert/embedding weights truncated normal std 0.02 (3 std cut, as the MolmoE
+        config's init_std / init_cutoff_factor); norms 1, biases 0, pad_embed 0; CLIP-style emb^-0.5 for the
+        class/positional embeddings. `scheme="fan_in"`: the same, except the ViT and connector linear weights
+        get std 1/sqrt(fan_in) (the same draws scaled, so every other tensor matches the default scheme). 0.02
+        is sized for CLIP-L / OLMoE widths; at tiny widths the connector's SwiGLU then starts with outputs ~1e-7
+        and the image never reaches the LLM (Molmo itself starts from CLIP)."""
+        if scheme not in INIT_SCHEMES:
+            raise ValueError(f"init_weights: scheme={scheme!r}, expected one of {INIT_SCHEMES}")
         if device is not None or any(p.is_meta for p in self.parameters()):
             self.to_empty(device=device or "cpu")
         dev = self.llm.lm_head.weight.device
         g = torch.Generator(device=dev).manual_seed(seed)
         for name, p in self.named_parameters():
             owner, leaf = name.rsplit(".", 1)
-            if isinstance(self.get_submodule(owner), (RMSNorm, nn.LayerNorm)):
+            module = self.get_submodule(owner)
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
                 p.fill_(1.0 if leaf == "weight" else 0.0)
             elif leaf == "bias" or leaf == "pad_embed":
                 p.zero_()
             elif leaf in ("class_embedding", "positional_embedding"):
                 p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
             else:
-                nn.init.trunc_normal_(p, 0.0, 0.02, -0.06, 0.06, generator=g)
+                vision = isinstance(module, nn.Linear) and name.startswith(("vit.", "connector."))
+                std = p.shape[1] ** -0.5 if scheme == "fan_in" and vision else 0.02
+                nn.init.trunc_normal_(p, 0.0, std, -3 * std, 3 * std, generator=g)
         self.reset_runtime_buffers()
         return self
 

@@ -6,6 +6,7 @@ DataLoader workers under any start method.
 """
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,8 @@ class ModelConfig:
     `preset` names a `MolmoEConfig` preset; `hf_overrides` are HF config.json keys applied on top (use
     `vision_backbone.KEY` for the vision tower). `init_from` is an HF MolmoE checkpoint directory; `llm_from` /
     `vit_from` initialise the LLM from an HF OLMoE directory and the ViT from an HF CLIP directory instead.
-    `vision_init = "fan_in"` draws the fresh ViT + connector linear weights with std 1/sqrt(fan_in) instead of
-    MolmoE's 0.02, which is sized for CLIP-L / OLMoE widths: at tiny widths the connector's SwiGLU then starts
-    with outputs ~1e-7 and the image never reaches the LLM (training from scratch only; Molmo starts from CLIP).
+    `init_scheme` selects `MolmoE.init_weights`'s scheme for a fresh model: "fan_in" gives the ViT + connector
+    linears std 1/sqrt(fan_in) instead of 0.02, which tiny from-scratch models need (see `init_weights`).
     """
 
     preset: str = "tiny"
@@ -40,16 +40,22 @@ class ModelConfig:
     llm_from: str | None = None
     vit_from: str | None = None
     init_seed: int = 6198
-    vision_init: str = "default"
+    init_scheme: str = "default"
     moe_impl: str = "auto"
 
     def __post_init__(self):
-        _require(self.vision_init in ("default", "fan_in"), "ModelConfig", "vision_init", self.vision_init,
-                 "'default' or 'fan_in'")
+        from molmo_fast.model.molmoe import INIT_SCHEMES
+
+        _require(self.init_scheme in INIT_SCHEMES, "ModelConfig", "init_scheme", self.init_scheme,
+                 f"one of {INIT_SCHEMES}")
         _require(not (self.init_from and (self.llm_from or self.vit_from)), "ModelConfig", "init_from",
                  self.init_from, "either init_from or llm_from/vit_from, not both")
         _require(self.moe_impl in ("auto", "loop", "grouped_mm", "triton"), "ModelConfig", "moe_impl",
                  self.moe_impl, "one of auto, loop, grouped_mm, triton")
+        for name in ("init_from", "llm_from", "vit_from"):
+            path = getattr(self, name)
+            _require(path is None or (Path(path) / "config.json").is_file(), "ModelConfig", name, path,
+                     "an HF checkpoint directory with config.json")
 
     def build_config(self):
         """The `MolmoEConfig`: the HF checkpoint's own config when initialising from one, else preset + overrides."""
@@ -121,6 +127,26 @@ class DataConfig:
                  f"every shard set in exactly one group: {sorted(names)}")
         _require(self.sequence_length > 0, "DataConfig", "sequence_length", self.sequence_length, "> 0")
         _require(self.num_workers >= 0, "DataConfig", "num_workers", self.num_workers, ">= 0")
+        check_shard_sets(self.shards)
+
+
+def check_shard_sets(shards: dict) -> None:
+    """Every configured shard set must be built (shards + sizes.json): checked when the config resolves, so a
+    missing set fails in seconds, before a run directory exists or a model is built, with the command to build it.
+    Set names are `python -m molmo_fast.data.build` source names in the recipes."""
+    from molmo_fast.data.shards import read_sizes
+
+    problems = []
+    for name, path in shards.items():
+        try:
+            why = "" if read_sizes(path) else "its sizes.json lists no shards"
+        except (FileNotFoundError, ValueError) as e:
+            why = "no such directory" if not Path(path).is_dir() else str(e)
+        if why:
+            problems.append(f"DataConfig.shards[{name!r}] = {str(path)!r}: {why}; build it with "
+                            f"`python -m molmo_fast.data.build --source {name} --out {path}`")
+    if problems:
+        raise ValueError("shard set(s) not built:\n  " + "\n  ".join(problems))
 
 
 @gin.register
@@ -210,15 +236,36 @@ class Config:
         return {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "optim", "train")}
 
 
+_SEARCH_PATHS: list[str] = []  # gin keeps its search path across clear_config(); add each directory once
+
+
+def _add_search_path(directory: Path) -> None:
+    if str(directory) not in _SEARCH_PATHS:
+        _SEARCH_PATHS.append(str(directory))
+        gin.add_config_file_search_path(str(directory))
+
+
 def load_config(gin_files: list[str], gin_params: list[str] | None = None) -> Config:
-    """Parses gin files + bindings and builds every config object now, so a bad binding fails at start."""
+    """Parses gin files + bindings and builds every config object now, so a bad binding fails at start.
+
+    `include` lines and gin file names resolve from the current directory, then each given file's directory,
+    the repo's gin/ and the repo root, so `include 'tiny.gin'` works from any working directory."""
     gin.clear_config()
-    gin.add_config_file_search_path(str(GIN_DIR))
-    gin.add_config_file_search_path(str(GIN_DIR.parent))
+    for path in gin_files:
+        if Path(path).is_file():
+            _add_search_path(Path(path).resolve().parent)
+    _add_search_path(GIN_DIR)
+    _add_search_path(GIN_DIR.parent)
+    # gin's package-resource reader logs "Path not found" for every search-path miss before the next path hits.
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not str(record.msg).startswith("Path not found")
+    logging.getLogger().addFilter(quiet)
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_params or []))
         cfg = Config(model=ModelConfig(), data=DataConfig(), optim=OptimConfig(), train=TrainConfig())
     except (ValueError, KeyError, TypeError, OSError, SyntaxError, RuntimeError) as e:
         raise SystemExit(f"molmo_fast.train: bad configuration: {e}") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
     cfg.gin_config = gin.config_str()
     return cfg

@@ -5,6 +5,7 @@ per logged step, so a run can be plotted without TensorBoard.
 """
 
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -23,20 +24,48 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
 
 
-def step_flops(model, sequences: int, seq_len: int, crops: int) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of `sequences` padded sequences and `crops` real crops.
+class FlopCounter:
+    """Model FLOPs of a training step (forward + backward = 3x forward), from parameter counts taken once.
 
-    Matmuls count 6 per active parameter per token: LLM + connector parameters (experts at top_k/E) per text
-    token, ViT parameters per ViT token (patches + CLS of every crop). Attention scores add
-    6 * layers * width * length per token in the causal LLM and twice that in the bidirectional ViT.
+    Matmuls count 6 per parameter per token it touches: the LLM blocks' active parameters (experts at top_k/E)
+    per text token, the LM head per loss position only (the trainer computes logits there alone), the token
+    embedding not at all (a lookup), the ViT blocks that run (up to the deepest one the connector reads) per ViT
+    token (patches + CLS of every real crop; padding crops run but do no useful work) and the connector per patch
+    of a real crop (an upper bound: its projector runs per pooled token). Attention scores add 6 * layers * width * length per token in the causal LLM (half of the
+    full square) and twice that in the bidirectional ViT.
     """
-    cfg, v = model.config, model.config.vision
-    n_vit = sum(p.numel() for p in model.vit.parameters())
-    n_llm = model.num_parameters(active=True) - n_vit
-    text_tokens, vit_len = sequences * seq_len, v.num_patches + 1
-    vit_tokens = crops * vit_len
-    return (6 * n_llm * text_tokens + 6 * cfg.llm.n_layers * cfg.llm.d_model * seq_len * text_tokens
-            + 6 * n_vit * vit_tokens + 12 * v.num_layers * v.emb_dim * vit_len * vit_tokens)
+
+    def __init__(self, model):
+        cfg = model.config
+        self.vision, self.llm = cfg.vision, cfg.llm
+        numel = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+        # The ViT stops after the deepest block the connector reads.
+        self.vit_layers_run = max(model.vit_layer_idx) + 1
+        skipped = sum(numel(b) for b in model.vit.blocks[self.vit_layers_run:])
+        self.n_vit, self.n_connector = numel(model.vit) - skipped, numel(model.connector)
+        self.n_head = model.llm.lm_head.weight.numel()
+        self.n_llm = (model.num_parameters(active=True) - numel(model.vit) - self.n_connector - self.n_head
+                      - numel(model.llm.wte))
+
+    def __call__(self, sequences: int, seq_len: int, crops: int, logit_positions: int) -> float:
+        v = self.vision
+        text_tokens, vit_len = sequences * seq_len, v.num_patches + 1
+        vit_tokens = crops * vit_len
+        return (6 * self.n_llm * text_tokens + 6 * self.llm.n_layers * self.llm.d_model * seq_len * text_tokens
+                + 6 * self.n_head * logit_positions + 6 * self.n_connector * crops * v.num_patches
+                + 6 * self.n_vit * vit_tokens + 12 * self.vit_layers_run * v.emb_dim * vit_len * vit_tokens)
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak memory since the previous call: CUDA allocator peaks (reset here), or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        out = {"memory/max_allocated_gib": stats.get("allocated_bytes.all.peak", 0) / 2**30,
+               "memory/max_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,
+               "memory/alloc_retries": float(stats.get("num_alloc_retries", 0))}
+        torch.cuda.reset_peak_memory_stats(device)
+        return out
+    return {"memory/max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 class MetricsLogger:

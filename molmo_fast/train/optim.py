@@ -68,7 +68,8 @@ def lr_at(step: int, peak: float, warmup: int, max_steps: int, final_ratio: floa
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, max_steps: int, final_ratio: float) -> dict[str, float]:
+def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, max_steps: int,
+                       final_ratio: float) -> dict[str, float]:
     """Sets each group's lr for (1-based) `step`; the schedule is a pure function of the step, so resume is exact."""
     lrs = {}
     for group in optimizer.param_groups:

@@ -9,7 +9,6 @@ world size or accumulation split. The LM z-loss and the MoE aux losses use the s
 import datetime
 import math
 import os
-import resource
 import subprocess
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from torch import nn
 from molmo_fast.train import checkpoint as ckpt
 from molmo_fast.train.config import Config
 from molmo_fast.train.data import TrainData, build_mixture, to_device, write_preprocessor_dir
-from molmo_fast.train.metrics import MetricsLogger, Throughput, peak_flops, step_flops
+from molmo_fast.train.metrics import FlopCounter, MetricsLogger, Throughput, memory_stats, peak_flops
 from molmo_fast.train.optim import build_optimizer, clip_grad_norms, set_learning_rates
 from molmo_fast.train.parallelize import parallelize
 
@@ -94,15 +93,6 @@ def prepare_run_dir(cfg: Config, env: Env, resuming: bool) -> Path:
     return run_dir
 
 
-@torch.no_grad()
-def fan_in_init(model: nn.Module, prefixes: tuple[str, ...], seed: int) -> None:
-    """Redraws the weights of the Linear layers under `prefixes` with std 1/sqrt(fan_in) (see ModelConfig)."""
-    g = torch.Generator().manual_seed(seed + 1)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.startswith(prefixes):
-            module.weight.normal_(0.0, module.weight.shape[1] ** -0.5, generator=g)
-
-
 def build_model(cfg: Config, env: Env) -> nn.Module:
     """Every rank builds the model on meta and shards it; rank 0 alone materialises the initial weights on CPU
     (HF checkpoint, parts, or fresh init) and broadcasts them, so the start is identical whatever the world size."""
@@ -118,9 +108,7 @@ def build_model(cfg: Config, env: Env) -> nn.Module:
         if cfg.model.init_from:
             source = MolmoE.from_pretrained(cfg.model.init_from, dtype=torch.float32, device="cpu")
         else:
-            source = MolmoE.from_config_on_meta(mcfg).init_weights(cfg.model.init_seed)
-            if cfg.model.vision_init == "fan_in":
-                fan_in_init(source, ("vit.", "connector."), cfg.model.init_seed)
+            source = MolmoE.from_config_on_meta(mcfg).init_weights(cfg.model.init_seed, scheme=cfg.model.init_scheme)
         if cfg.model.llm_from or cfg.model.vit_from:
             from molmo_fast.train.init_parts import load_parts
 
@@ -135,30 +123,37 @@ def build_model(cfg: Config, env: Env) -> nn.Module:
     return model.train()
 
 
-def micro_batch_loss(model: nn.Module, batch: dict, divisor: torch.Tensor, cfg: Config, n_micro: int,
-                     want_router: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list | None]:
-    """Loss of one micro-batch (already divided by the global divisor) and its detached parts.
+def loss_positions(batch: dict) -> dict[str, torch.Tensor]:
+    """Where a micro-batch's loss is, computed on its host copy so the device never syncs for it.
 
     The LM head runs at the loss positions only (`logits_at`): every loss term is masked to them, and in Molmo's
     data they are a small part of the sequence (answers, not images or prompts), so this skips most of the
     largest matmul and of the [tokens, vocab] logits memory. Rows are left-packed with their loss positions and
-    padded with weight-0 slots up to the longest row.
+    padded with weight-0 slots up to the longest row: `loss_at`, `loss_weight`, `loss_labels` [B, n], plus
+    `response_mask` [B, S] (tokens that carry loss) and `loss_tokens` (the summed weights, 0-dim).
     """
     mask_BS = batch["loss_masks"].clamp_min(0) * (batch["labels"] >= 0)
     has_loss_BS = mask_BS > 0
     n = max(int(has_loss_BS.sum(1).max()), 1)
     at_Bn = torch.argsort(has_loss_BS.to(torch.int8), dim=1, descending=True, stable=True)[:, :n]
-    weight_Bn = mask_BS.gather(1, at_Bn)
-    labels_Bn = batch["labels"].gather(1, at_Bn).clamp_min(0)
+    return {"loss_at": at_Bn, "loss_weight": mask_BS.gather(1, at_Bn),
+            "loss_labels": batch["labels"].gather(1, at_Bn).clamp_min(0), "response_mask": has_loss_BS,
+            "loss_tokens": mask_BS.sum(dtype=torch.float32)}
+
+
+def micro_batch_loss(model: nn.Module, batch: dict, divisor: torch.Tensor, lm_zloss_weight: float, n_micro: int,
+                     want_router: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list | None]:
+    """Loss of one micro-batch (already divided by the global divisor) and its detached parts.
+    `batch` carries its `loss_positions`."""
     out = model(input_ids=batch["input_ids"], images=batch.get("images"), image_masks=batch.get("image_masks"),
                 image_input_idx=batch.get("image_input_idx"), position_ids=batch.get("position_ids"),
-                subsegment_ids=batch.get("subsegment_ids"), output_router_logits=want_router, logits_at=at_Bn,
-                right_padded=True, response_mask=has_loss_BS)
+                subsegment_ids=batch.get("subsegment_ids"), output_router_logits=want_router,
+                logits_at=batch["loss_at"], right_padded=True, response_mask=batch["response_mask"])
     logits = out.logits.float().flatten(0, 1)  # [B * n, vocab]
-    labels, weight = labels_Bn.flatten(), weight_Bn.flatten()
+    labels, weight = batch["loss_labels"].flatten(), batch["loss_weight"].flatten()
     lm_loss = (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / divisor
     z_loss = (torch.logsumexp(logits, dim=-1).pow(2) * weight).sum() / divisor
-    loss = lm_loss + cfg.train.lm_zloss_weight * z_loss
+    loss = lm_loss + lm_zloss_weight * z_loss
     moe_aux = getattr(out, "aux_loss", None)
     if moe_aux is not None:
         # Per micro-batch means, averaged over the micro-batches of the step (as Molmo does).
@@ -216,6 +211,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
     mcfg = model.config
     n_active = model.num_parameters(active=True)
+    count_flops = FlopCounter(model)
     peak = peak_flops(env.device, cfg.train.peak_flops)
     logger = MetricsLogger(run_dir, env.is_main, purge_step=start_step + 1 if resume_path else None)
     if env.is_main and start_step == 0:
@@ -240,24 +236,26 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         with torch.random.fork_rng(devices=[]):
             micro_batches = data.next_step()
         meter.data_wait += time.perf_counter() - t0
-        # Real crops (not batch padding) set the ViT's share of the FLOPs; counted on the host copy, no sync.
+        # Everything the host needs about the batches (loss positions, token and crop counts for the divisor
+        # and FLOPs) comes from the host copies: no device sync inside the step until its one .tolist().
+        for b in micro_batches:
+            b.update(loss_positions(b))
         crops = sum(int((b["images"] != -1).any(-1).any(-1).sum()) for b in micro_batches if "images" in b)
-        meter.flops += step_flops(model, cfg.train.micro_batch_size * len(micro_batches),
-                                  cfg.data.sequence_length, crops) * env.world_size
-        micro_batches = [to_device(b, env.device) for b in micro_batches]
-
-        loss_tokens = sum((b["loss_masks"].clamp_min(0) * (b["labels"] >= 0)).sum() for b in micro_batches)
-        loss_tokens = loss_tokens.float()
+        logit_positions = sum(b["loss_at"].numel() for b in micro_batches)
+        meter.flops += count_flops(cfg.train.micro_batch_size * len(micro_batches), cfg.data.sequence_length,
+                                   crops, logit_positions) * env.world_size
+        loss_tokens = torch.stack([b["loss_tokens"] for b in micro_batches]).sum().to(env.device)
         dist.all_reduce(loss_tokens)
         divisor = (loss_tokens / env.world_size).clamp_min(1.0)
 
         lrs = set_learning_rates(optimizer, step, cfg.train.max_steps, cfg.optim.final_lr_ratio)
         totals: dict[str, torch.Tensor] = {}
         moe = None
-        for i, batch in enumerate(micro_batches):
+        for i, host_batch in enumerate(micro_batches):
+            batch = to_device(host_batch, env.device)  # one micro-batch on the device at a time
             want_router = log_now and i == 0
-            loss, parts, router_logits = micro_batch_loss(model, batch, divisor, cfg, len(micro_batches),
-                                                          want_router)
+            loss, parts, router_logits = micro_batch_loss(model, batch, divisor, cfg.train.lm_zloss_weight,
+                                                          len(micro_batches), want_router)
             loss.backward()
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0) + v
@@ -266,12 +264,14 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         totals["loss"] = totals["lm_loss"] + cfg.train.lm_zloss_weight * totals["zloss"] + totals.get(
             "moe_aux_loss", 0)
         names = sorted(totals)
-        reduced = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=env.device) for k in names])
+        reduced = torch.stack([totals[k] for k in names])
         dist.all_reduce(reduced)
-        reduced = dict(zip(names, (reduced / env.world_size).tolist()))
-
         norms = clip_grad_norms(by_group, cfg.optim.max_grad_norm)
-        norm_values = {k: float(v) for k, v in norms.items()}
+        # The step's one host sync: loss parts and grad norms together (the NaN guard needs both).
+        values = torch.cat([reduced / env.world_size, torch.stack(list(norms.values())).to(reduced),
+                            loss_tokens.view(1).to(reduced)]).tolist()
+        reduced = dict(zip(names, values[:len(names)]))
+        norm_values = dict(zip(norms, values[len(names):-1]))
         bad = [k for k, v in {"loss": reduced["loss"], **norm_values}.items() if not math.isfinite(v)]
         if bad:
             last = ckpt.checkpoint_dirs(run_dir)
@@ -294,7 +294,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             metrics = {"train/loss": reduced["loss"], "train/lm_loss": reduced["lm_loss"],
                        "train/zloss": reduced["zloss"], "train/accuracy": reduced["correct"],
                        "train/moe_aux_loss": reduced.get("moe_aux_loss", 0.0),
-                       "train/loss_tokens": float(loss_tokens), "train/tokens_seen": float(tokens_seen),
+                       "train/loss_tokens": values[-1], "train/tokens_seen": float(tokens_seen),
                        "perf/tokens_per_s": window["tokens_per_s"],
                        "perf/tokens_per_s_per_device": window["tokens_per_s"] / env.world_size,
                        "perf/data_wait_pct": window["data_wait_pct"],
@@ -303,12 +303,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             metrics.update({f"optim/lr/{k}": v for k, v in lrs.items()})
             if peak:
                 metrics["perf/mfu_pct"] = 100 * window["flops_per_s"] / (peak * env.world_size)
-            if env.device.type == "cuda":
-                metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                metrics["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-                torch.cuda.reset_peak_memory_stats()
-            else:
-                metrics["memory/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            metrics.update(memory_stats(env.device))
             if moe:
                 metrics.update(moe)
             metrics.update(data.stats())
