@@ -92,7 +92,8 @@ CASES = {
         lambda ex: ex[0]["question"] == "Max?" and ex[0]["answers"] == ["12"] and ex[0]["metadata"]["is_human"]),
     "ai2d": (
         [{"image": IMG, "question": "Which?", "options": ["a", "b", "c"], "answer": "2"}],
-        lambda ex: ex[0]["options"] == ["a", "b", "c"] and ex[0]["answer_idx"] == 2),
+        lambda ex: ex[0]["options"] == ["a", "b", "c"] and ex[0]["answer_idx"] == 2
+        and "abc_label" not in ex[0]["metadata"]),
     "a_okvqa": (
         [{"image": IMG, "question_id": "q", "question": "Why?", "choices": ["x", "y"], "correct_choice_idx": 1,
           "direct_answers": "['y', 'y', 'z']", "difficult_direct_answer": False, "rationales": ["r"]}],
@@ -128,8 +129,12 @@ CASES = {
     "math_vista": (
         [{"pid": "1", "question": "Value?", "image": "images/1.jpg", "decoded_image": IMG, "choices": None,
           "unit": None, "precision": None, "answer": "5", "question_type": "free_form", "answer_type": "integer",
-          "metadata": {"source": "x"}, "query": "Hint: answer.\nValue?"}],
-        lambda ex: ex[0]["question"] == "Hint: answer.\nValue?" and ex[0]["answers"] == ["5"]),
+          "metadata": {"source": "x"}, "query": "Hint: answer.\nValue?"},
+         {"pid": "2", "question": "Which?", "image": "images/2.jpg", "decoded_image": IMG, "choices": ["1/2", "3/4"],
+          "unit": None, "precision": None, "answer": "3/4", "question_type": "multi_choice", "answer_type": "text",
+          "metadata": {"source": "x"}, "query": "Hint: letter.\nWhich?\nChoices:\n(A) 1/2\n(B) 3/4"}],
+        lambda ex: ex[0]["question"] == "Hint: answer.\nValue?" and ex[0]["answers"] == ["5"]
+        and ex[1]["question"] == "Which?" and ex[1]["options"] == ["1/2", "3/4"] and ex[1]["answer_idx"] == 1),
 }
 for _name, _style in [("tally_qa", "tally_qa"), ("tabmwp", "tabwmp_da"), ("figure_qa", "figure_qa"),
                       ("plot_qa", "plot_qa"), ("dv_qa", "dv_qa")]:
@@ -261,3 +266,13 @@ def test_cli_list_and_synthetic_build(tmp_path, capsys):
     assert read_info(out)["num_samples"] == 7 and len(_read(out)) == 7
     with pytest.raises(SystemExit):
         build.main(["--source", "synthetic_counting"])
+
+
+def test_ai2d_keeps_the_box_flags_of_molmos_layout(tmp_path):
+    rows = [{"image": IMG, "question": "Which?", "answer_texts": ["a", "b"], "correct_answer": 1, "abc_label": True,
+             "has_transparent_box": False, "question_id": "4185.png-0", "image_name": "4185.png",
+             "option_is_abc": [True, True]}]
+    build.build_hf(HF_SOURCES["ai2d"], tmp_path / "out", split="test", dataset=_dataset(rows), progress=False)
+    (ex,) = _read(tmp_path / "out")
+    assert ex["options"] == ["a", "b"] and ex["answer_idx"] == 1
+    assert ex["metadata"]["abc_label"] is True and ex["metadata"]["has_transparent_box"] is False

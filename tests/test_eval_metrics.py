@@ -53,6 +53,9 @@ def test_anls():
     assert M.anls("abcd", ["abxy"]) == 0.0  # normalised distance exactly 0.5 is not < threshold
     assert M.anls("abcd", ["abxy"], threshold=0.6) == pytest.approx(0.5)
     assert M.anls("abc", ["zzz", "abd"]) == pytest.approx(2 / 3)  # max over answers
+    assert M.anls("Hello", ["  hello "]) == 1.0 and M.anls("big  dog", ["big dog"]) == 1.0  # whitespace collapsed
+    assert M.anls("", [""]) == 1.0 and M.anls("", ["x"]) == 0.0 and M.anls("x", [""]) == 0.0  # empty strings
+    assert M.anls("x", []) == 0.0
     assert M.edit_distance("kitten", "sitting") == 3
 
 
@@ -66,6 +69,13 @@ def test_relaxed_correctness():
     assert M.relaxed_correctness("0.0", ["0"]) == 0.0  # zero target: string comparison
     assert M.relaxed_correctness("0", ["0"]) == 1.0
     assert M.relaxed_correctness("7", ["x", "7.2"]) == 1.0
+    # The official script's edge cases, kept so the numbers stay comparable with the paper:
+    assert M.relaxed_correctness("45%", ["45"]) == 0.0 and M.relaxed_correctness("45", ["45%"]) == 0.0
+    assert M.relaxed_correctness("45%", ["45%"]) == 1.0 and M.relaxed_correctness("46%", ["0.45"]) == 1.0
+    assert M.relaxed_correctness("1,234", ["1234"]) == 0.0  # a separator makes it a string...
+    assert M.relaxed_correctness("1,234", ["1,234"]) == 1.0  # ...compared exactly
+    assert M.relaxed_correctness("1,250", ["1,234"]) == 0.0
+    assert M.relaxed_correctness("-5", ["-5.1"]) == 1.0  # relative to |target|
 
 
 def test_exact_match():
@@ -80,6 +90,10 @@ def test_exact_match():
     ("bir", 2),                     # unique option prefix
     ("i would say a bird, surely", 2),  # the one option quoted inside a longer answer
     ("catt", 0),                    # nothing matches: smallest edit distance
+    ("(B)", 1), ("B.", 1), ("b) a dog", 1), ("Answer: B", 1), ("answer: (c)", 2), ("The answer is C.", 2),
+    ("The correct option is A", 0), ("Option B", 1), ("**B**", 1), ("**C.** a bird", 2),
+    ("The answer is a dog", 1),     # a letter followed by a word is text
+    ("Z", 1),                       # no option Z: treated as text, nearest option by edit distance
 ])
 def test_multiple_choice(pred, idx):
     options = ["the cat", "a dog", "a bird"]
@@ -195,6 +209,11 @@ def test_math_vista_heuristic_extraction():
     assert M.math_vista_score("So it is about 1.25", "1.2", "free_form", "float", precision=1) == 1.0
     assert M.math_vista_score("14", "15", "free_form", "integer") == 0.0
     assert M.math_vista_score("(B)", "8/11", "multi_choice", "text", ["3/11", "8/11"]) == 1.0
+    # A choice text with a colon is kept as is (not read as the letter before the colon).
+    choices = ["Ratio: 1/2", "Ratio: 3/4"]
+    assert M.math_vista_normalize("Ratio: 3/4", "multi_choice", "text", choices) == "Ratio: 3/4"
+    assert M.math_vista_normalize("(A) whatever", "multi_choice", "text", choices) == "Ratio: 1/2"
+    assert M.math_vista_score("Answer: B", "Ratio: 3/4", "multi_choice", "text", choices) == 1.0
 
 
 # ------------------------------------------------------------------ clocks

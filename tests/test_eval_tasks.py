@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from molmo_fast.data.formatter import format_example, points_to_text
-from molmo_fast.data.sources.academic import chart_qa, count_bench
+from molmo_fast.data.sources.academic import ai2d, chart_qa, count_bench, math_vista
 from molmo_fast.data.sources.pixmo import pixmo_points_eval
 from molmo_fast.eval.tasks import (BY_QUESTION_TYPE, HIGH_RES_MAX_CROPS, PAPER_TASKS, SYNTHETIC_TASKS, TASKS, Task,
                                    get_task, parse_tasks)
@@ -94,3 +94,49 @@ def test_pointing_eval_unpacks_shard_masks():
     # The second point is nearest to the second ground truth but outside its mask (x < 20).
     edge = points_to_text([[12, 10], [19, 10]], "dot", [width, height])
     assert task.score(edge, ex) == {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+
+
+def _ai2d_row(abc_label, transparent):
+    return {"question": "Which?", "answer_texts": ["leaf", "root"], "correct_answer": 1, "abc_label": abc_label,
+            "has_transparent_box": transparent, "question_id": "4185.png-0"}
+
+
+def test_ai2d_transparent_box_setting_from_the_box_flags():
+    task = get_task("ai2d")
+    assert task.primary == "mc_ai2d_transparent"
+    scores = {flags: task.score("B", ai2d(_ai2d_row(*flags), (10, 10))[0])
+              for flags in [(True, True), (True, False), (False, False)]}
+    assert scores[(True, True)] == {"mc_ai2d_transparent": 1.0, "mc_ai2d_opaque": None, "mc": 1.0}
+    assert scores[(True, False)] == {"mc_ai2d_transparent": None, "mc_ai2d_opaque": 1.0, "mc": 1.0}
+    assert scores[(False, False)] == {"mc_ai2d_transparent": 1.0, "mc_ai2d_opaque": 1.0, "mc": 1.0}
+    # lmms-lab/ai2d has no flags: every question counts in both settings.
+    plain = ai2d({"question": "Which?", "options": ["leaf", "root"], "answer": "0"}, (10, 10))[0]
+    assert "abc_label" not in plain["metadata"]
+    assert task.score("leaf", plain) == {"mc_ai2d_transparent": 1.0, "mc_ai2d_opaque": 1.0, "mc": 1.0}
+
+
+def _math_vista_row(**kw):
+    return {"pid": "7", "question": "Which fraction?", "query": "Hint: ...\nQuestion: Which fraction?\nChoices:\n"
+            "(A) 3/11\n(B) 8/11", "choices": ["3/11", "8/11"], "answer": "8/11", "question_type": "multi_choice",
+            "answer_type": "text", "unit": None, "precision": None, **kw}
+
+
+def test_math_vista_choices_become_options_and_score():
+    ex = math_vista(_math_vista_row(), (10, 10))[0]
+    assert ex["options"] == ["3/11", "8/11"] and ex["answer_idx"] == 1 and ex["question"] == "Which fraction?"
+    assert "choices" not in ex["metadata"] and "answers" not in ex
+    task = get_task("math_vista")
+    assert task.prompt_example(ex)["style"] == "eval_multiple_choice"
+    prompt = format_example(task.prompt_example(ex), for_inference=True)[0][-1]
+    assert "A: 3/11\nB: 8/11" in prompt and "(A)" not in prompt  # the formatter's layout, once
+    for pred, score in [("B", 1.0), ("Answer: B", 1.0), ("(B)", 1.0), ("8/11", 1.0), ("A", 0.0)]:
+        assert task.score(pred, ex) == {"math_vista_score": score}, pred
+    free = math_vista(_math_vista_row(question_type="free_form", answer_type="float", choices=None, answer="1.5",
+                                      precision=1.0), (10, 10))[0]
+    assert "options" not in free and free["answers"] == ["1.5"] and free["question"].startswith("Hint:")
+    assert task.prompt_example(free)["style"] == "eval_short_answer"
+    assert task.score("so the value is 1.49", free) == {"math_vista_score": 1.0}
+    assert math_vista(_math_vista_row(answer="9/11"), (10, 10)) == []  # answer outside its choices: skipped
+    old_shard = {"id": "x", "question": "q", "answers": ["8/11"], "metadata": {"question_type": "multi_choice"}}
+    with pytest.raises(ValueError, match="rebuild the math_vista shards"):
+        task.score("B", old_shard)

@@ -148,3 +148,37 @@ def test_prefill_takes_the_causal_fast_path_unless_left_padded(model, monkeypatc
     left = model.generate(torch.tensor([[999, 17, 400, 23, 8], [-1, -1, 999, 5, 6]]), max_new_tokens=2)
     assert sum(calls) == 0
     assert torch.equal(left[:, -2:], right[:, -2:])
+
+
+def _synced_rank(rank, init_file, checkpoint, prompts, eos, steps, results):
+    """One gloo rank: generate its own prompt with sync_ranks and report its output (spawned by the test below)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        out = MolmoE.from_pretrained(checkpoint).generate(prompts[rank:rank + 1], max_new_tokens=steps,
+                                                          eos_token_id=eos, sync_ranks=True)
+        results[rank] = out[0].tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_ranks_stops_all_ranks_on_the_same_step(model, cases, golden_dir, tmp_path):
+    prompts = torch.stack([cases["text_only.input_ids"], cases["text_only.input_ids"].flip(0)])
+    steps, S = 6, prompts.shape[1]
+    free = model.generate(prompts, max_new_tokens=steps)
+    eos = next(t for t in free[0, S:].tolist() if t not in free[1, S:].tolist())  # row 0 finishes, row 1 never
+    pad = model.generation_config["pad_token_id"]
+    alone = model.generate(prompts[:1], max_new_tokens=steps, eos_token_id=eos)
+    assert alone.shape[1] < S + steps  # unsynced, rank 0 alone would stop early
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_synced_rank, args=(str(tmp_path / "init"), str(golden_dir / "tiny_model"),
+                                                    prompts, eos, steps, results), nprocs=2)
+    rank0, rank1 = (torch.tensor(results[r]) for r in range(2))
+    assert len(rank0) == len(rank1) == S + steps  # rank 0 kept stepping (emitting pad) until rank 1 was done
+    n0 = alone.shape[1]
+    assert torch.equal(rank0[:n0], alone[0]) and (rank0[n0:] == pad).all()
+    assert torch.equal(rank1, free[1])
+    with pytest.raises(ValueError, match="process group"):
+        model.generate(prompts, max_new_tokens=2, sync_ranks=True)

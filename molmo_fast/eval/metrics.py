@@ -124,12 +124,21 @@ def edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
+def _anls_normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
 def anls(prediction: str, answers: str | Sequence[str], threshold: float = 0.5) -> float:
-    """Average normalised Levenshtein similarity (DocVQA/InfoVQA): case-insensitive, max over answers."""
+    """Average normalised Levenshtein similarity (DocVQA/InfoVQA), max over answers.
+
+    Both sides are lowercased with whitespace collapsed, as the official script does, and lengths are taken after
+    that (lowercasing can change a string's length). An empty prediction matches only an empty answer."""
+    pred = _anls_normalize(prediction)
     best = 0.0
     for answer in _as_list(answers):
-        longest = max(len(answer), len(prediction))
-        dist = edit_distance(answer.lower(), prediction.lower()) / longest if longest else 0.0
+        gold = _anls_normalize(answer)
+        longest = max(len(gold), len(pred))
+        dist = edit_distance(gold, pred) / longest if longest else 0.0
         best = max(best, 1.0 - dist if dist < threshold else 0.0)
     return best
 
@@ -142,7 +151,11 @@ def _to_float(text: str) -> float | None:
 
 
 def relaxed_correctness(prediction: str, answers: str | Sequence[str], max_relative_change: float = 0.05) -> float:
-    """ChartQA: numbers within 5% relative error ("x%" is x/100), otherwise case-insensitive exact match."""
+    """ChartQA: numbers within 5% relative error ("x%" is x/100), otherwise case-insensitive exact match.
+
+    As in the official script (and so in the published numbers), "x%" is compared as x/100 against a bare "x"
+    (so "45%" vs "45" is wrong) and a thousands separator makes a string, not a number ("1,234" matches only
+    "1,234")."""
     pred = _to_float(prediction)
     for answer in _as_list(answers):
         target = _to_float(answer)
@@ -163,7 +176,10 @@ def exact_match(prediction: str, answers: str | Sequence[str]) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # Multiple choice
 
-_LETTER = re.compile(r"^\(?([A-Za-z])(?:[.):]\s*.*)?\)?$", re.DOTALL)
+# An option letter, alone or leading the answer: "B", "(B)", "B.", "B) text", "B: text", also after "Answer:",
+# "The answer is", "Option"; a letter followed by a word ("A cat") is text, not a letter.
+_LETTER = re.compile(r"^(?:(?:the\s+)?(?:correct\s+)?(?:answer|option)(?:\s+is)?\s*:?\s*)?"
+                     r"\(?([a-z])(?:[.):]\s*.*)?\)?$", re.DOTALL | re.IGNORECASE)
 
 
 def select_option(prediction: str, options: Sequence[str]) -> int:
@@ -172,7 +188,7 @@ def select_option(prediction: str, options: Sequence[str]) -> int:
     Order: the option letter ("B", "(B)", "B. text"), the exact option text, a unique prefix/substring match
     (Molmo's select_mc_option), a unique option inside the answer, then the smallest edit distance.
     """
-    letter = _LETTER.match(prediction.strip())
+    letter = _LETTER.match(prediction.strip().strip("*").strip())  # markdown bold around the letter
     if letter:
         idx = ord(letter.group(1).upper()) - ord("A")
         if 0 <= idx < len(options):
@@ -448,8 +464,11 @@ def math_vista_normalize(extraction: str, question_type: str, answer_type: str, 
                          precision: int | None = None) -> str | None:
     """The official normalize_extracted_answer: map to a choice text, an int string or a rounded float."""
     if question_type == "multi_choice":
-        letter = re.findall(r"([a-zA-Z]):", extraction.strip())
-        extraction = letter[0].upper() if letter else extraction.strip()
+        extraction = extraction.strip()
+        if extraction in choices:  # checked first: a choice's own text may hold "(x)"
+            return extraction
+        letter = re.findall(r"\(([a-zA-Z])\)", extraction)  # "(B) text" -> "B"
+        extraction = letter[0].upper() if letter else extraction
         letters = [chr(ord("A") + i) for i in range(len(choices))]
         if extraction in letters:
             return choices[letters.index(extraction)]

@@ -34,9 +34,6 @@ from molmo_fast.model.molmoe import MolmoE
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Under FSDP every rank must run the same number of decode steps (each is a collective), so generation runs
-# to max_new_tokens with an EOS id no token can equal, and the text is cut at the real EOS afterwards.
-_NEVER_EOS = -2
 
 
 @gin.configurable
@@ -282,7 +279,6 @@ def generate_task(task: Task, model: MolmoE, pre: Preprocessor, cfg: EvalConfig,
                         LoaderConfig(cfg.batch_size, task.sequence_length, num_workers=cfg.num_workers),
                         rank, world, for_inference=True, limit=cfg.max_examples)
     dtype = next(model.parameters()).dtype
-    eos = _NEVER_EOS if cfg.fsdp else pre.tokenizer.eos_id
     max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
     pred_file = task_dir / f"predictions.rank{rank}.jsonl"
     with open(pred_file, "a") as out:
@@ -291,11 +287,12 @@ def generate_task(task: Task, model: MolmoE, pre: Preprocessor, cfg: EvalConfig,
         for batch in tqdm(loader, desc=task.name, disable=rank != 0, unit="batch"):
             metas = batch["metadata"]
             todo = [i for i, m in enumerate(metas) if not m.get("padding") and m["id"] not in done]
-            if not todo and not cfg.fsdp:
+            if not todo and not cfg.fsdp:  # under FSDP every rank takes part in every batch's collectives
                 continue
             inputs = _model_inputs(batch, device, dtype)
             ids = model.generate(inputs["input_ids"], inputs["images"], inputs["image_masks"],
-                                 inputs["image_input_idx"], max_new_tokens=max_new_tokens, eos_token_id=eos)
+                                 inputs["image_input_idx"], max_new_tokens=max_new_tokens,
+                                 eos_token_id=pre.tokenizer.eos_id, sync_ranks=cfg.fsdp)
             new_tokens = ids[:, inputs["input_ids"].shape[1]:].cpu()
             for i in todo:
                 text = _decode_new(pre, new_tokens[i])

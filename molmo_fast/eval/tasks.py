@@ -53,11 +53,13 @@ def _mc(pred: str, ex: dict) -> dict:
 
 
 def _mc_ai2d(pred: str, ex: dict) -> dict:
-    """AI2D as in the paper: letter-labelled diagrams count only in their transparent-box version."""
+    """AI2D as in Molmo: a letter-labelled question counts in the transparent- or the opaque-box average, per how
+    its diagram was drawn; the rest count in both. Without the flags (lmms-lab/ai2d) every question counts in both."""
     meta = ex.get("metadata", {})
     score = M.multiple_choice(M.clean_prediction(pred), ex["options"], ex["answer_idx"])
-    skip = meta.get("abc_label", False) and not meta.get("has_transparent_box", False)
-    return {"mc_ai2d_transparent": None if skip else score, "mc": score}
+    abc, transparent = meta.get("abc_label", False), meta.get("has_transparent_box", False)
+    return {"mc_ai2d_transparent": None if abc and not transparent else score,
+            "mc_ai2d_opaque": None if abc and transparent else score, "mc": score}
 
 
 _RWQA_MC_INSTRUCTION = "Please answer directly with only the letter of the correct option"
@@ -93,10 +95,16 @@ def _mmmu(pred: str, ex: dict) -> dict:
 
 def _math_vista(pred: str, ex: dict) -> dict:
     meta = ex.get("metadata", {})
-    choices = ex.get("options", meta.get("choices") or [])
-    answer = meta.get("answer", _answers(ex)[0] if _answers(ex) else "")
-    score = M.math_vista_score(pred.strip(), str(answer), meta.get("question_type", "free_form"),
-                               meta.get("answer_type", "text"), choices, meta.get("precision"))
+    if "options" in ex:
+        choices, answer = ex["options"], ex["options"][ex["answer_idx"]]
+    elif meta.get("question_type") == "multi_choice":
+        raise ValueError(f"math_vista example {ex.get('id')}: a multiple-choice question without `options` (a shard "
+                         f"built before the converter moved MathVista's choices there); rebuild the math_vista shards")
+    else:
+        choices, answer = [], _answers(ex)[0] if _answers(ex) else ""
+    question_type = "multi_choice" if choices else meta.get("question_type") or "free_form"
+    score = M.math_vista_score(pred.strip(), str(answer), question_type,
+                               meta.get("answer_type") or "text", choices, meta.get("precision"))
     return {"math_vista_score": score}
 
 

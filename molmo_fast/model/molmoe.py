@@ -115,7 +115,8 @@ class MolmoE(nn.Module):
         `scheme="default"`: linear/expert/embedding weights truncated normal std 0.02 (3 std cut, as the MolmoE
         config's init_std / init_cutoff_factor); norms 1, biases 0, pad_embed 0; CLIP-style emb^-0.5 for the
         class/positional embeddings. `scheme="fan_in"`: the same, except the ViT and connector linear weights
-        get std 1/sqrt(fan_in) (the same draws scaled, so every other tensor matches the default scheme). 0.02
+        get std 1/sqrt(fan_in), drawn from their own stream (seed + 1) after the default draw, so every other
+        tensor matches the default scheme and the demo's documented start is kept bit for bit. 0.02
         is sized for CLIP-L / OLMoE widths; at tiny widths the connector's SwiGLU then starts with outputs ~1e-7
         and the image never reaches the LLM (Molmo itself starts from CLIP)."""
         if scheme not in INIT_SCHEMES:
@@ -124,6 +125,7 @@ class MolmoE(nn.Module):
             self.to_empty(device=device or "cpu")
         dev = self.llm.lm_head.weight.device
         g = torch.Generator(device=dev).manual_seed(seed)
+        g_fan_in = torch.Generator(device=dev).manual_seed(seed + 1)
         for name, p in self.named_parameters():
             owner, leaf = name.rsplit(".", 1)
             module = self.get_submodule(owner)
@@ -134,9 +136,9 @@ class MolmoE(nn.Module):
             elif leaf in ("class_embedding", "positional_embedding"):
                 p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
             else:
-                vision = isinstance(module, nn.Linear) and name.startswith(("vit.", "connector."))
-                std = p.shape[1] ** -0.5 if scheme == "fan_in" and vision else 0.02
-                nn.init.trunc_normal_(p, 0.0, std, -3 * std, 3 * std, generator=g)
+                nn.init.trunc_normal_(p, 0.0, 0.02, -0.06, 0.06, generator=g)
+                if scheme == "fan_in" and isinstance(module, nn.Linear) and name.startswith(("vit.", "connector.")):
+                    p.normal_(0.0, p.shape[1] ** -0.5, generator=g_fan_in)
         self.reset_runtime_buffers()
         return self
 

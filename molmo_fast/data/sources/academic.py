@@ -45,15 +45,6 @@ def chart_qa(row, size):
              "metadata": {"is_human": human}}]
 
 
-def multiple_choice(style: str, question: str, options: str, answer: str, letters: bool = False):
-    def convert(row, size):
-        opts = [str(o) for o in as_list(row[options])]
-        value = row[answer]
-        idx = "ABCDEFGHIJ".index(value.strip()) if letters else int(value)
-        return [{"style": style, "question": row[question], "options": opts, "answer_idx": idx, "metadata": {}}]
-    return convert
-
-
 def a_okvqa(row, size):
     return [{"style": "a_okvqa_mc", "question": row["question"], "options": as_list(row["choices"]),
              "answer_idx": int(row["correct_choice_idx"]),
@@ -92,11 +83,35 @@ def mmmu(row, size):
     return [{"style": "mmmu", "question": question, "answers": [str(row["answer"])], "metadata": meta}]
 
 
+def ai2d(row, size):
+    """lmms-lab/ai2d (question, options, answer) carries no box flags, so on it the transparent-box setting cannot be
+    told apart from the plain one. Molmo's own AI2D build (answer_texts, correct_answer, abc_label,
+    has_transparent_box, question_id; read with --input) has them, and the eval task uses them when present."""
+    if "answer_texts" in row:
+        options, idx = row["answer_texts"], int(row["correct_answer"])
+    else:
+        options, idx = row["options"], int(row["answer"])
+    meta = {k: bool(row[k]) for k in ("abc_label", "has_transparent_box") if row.get(k) is not None}
+    if row.get("question_id") is not None:
+        meta["question_id"] = str(row["question_id"])
+    return [{"style": "ai2_diagram", "question": row["question"], "options": [str(o) for o in as_list(options)],
+             "answer_idx": idx, "metadata": meta}]
+
+
 def math_vista(row, size):
+    """Multiple-choice rows become options + answer_idx on the bare question (the formatter lays the options out;
+    the `query` column repeats them in its own layout); free-form rows keep `query`, whose hint names the format."""
+    answer = str(row.get("answer") or "")
     meta = {"pid": row["pid"], "question_type": row.get("question_type"), "answer_type": row.get("answer_type"),
-            "choices": as_list(row.get("choices")), "unit": row.get("unit"), "precision": row.get("precision")}
-    return [{"style": "math_vista", "question": row.get("query") or row["question"],
-             "answers": [str(row.get("answer") or "")], "metadata": meta}]
+            "unit": row.get("unit"), "precision": row.get("precision"), "answer": answer}
+    choices = [str(c) for c in as_list(row.get("choices"))]
+    if row.get("question_type") == "multi_choice":
+        if answer not in choices:
+            return []  # counted as skipped by the build; no such row in testmini
+        return [{"style": "math_vista", "question": row["question"], "options": choices,
+                 "answer_idx": choices.index(answer), "metadata": meta}]
+    return [{"style": "math_vista", "question": row.get("query") or row["question"], "answers": [answer],
+             "metadata": meta}]
 
 
 def cauldron(style: str):
@@ -123,8 +138,7 @@ SOURCES = [
     HFSource("info_vqa", "lmms-lab/DocVQA", short_qa("info_qa", ids=("questionId",)), configs=("InfographicVQA",),
              default_split="validation"),
     HFSource("chart_qa", "HuggingFaceM4/ChartQA", chart_qa, default_split="test"),
-    HFSource("ai2d", "lmms-lab/ai2d", multiple_choice("ai2_diagram", "question", "options", "answer"),
-             default_split="test"),
+    HFSource("ai2d", "lmms-lab/ai2d", ai2d, default_split="test"),
     HFSource("a_okvqa", "HuggingFaceM4/A-OKVQA", a_okvqa, default_split="validation"),
     HFSource("ok_vqa", "HuggingFaceM4/OK-VQA", short_qa("okvqa", ids=("question_id",)), default_split="validation"),
     HFSource("science_qa_img", "derek-thomas/ScienceQA", science_qa, default_split="validation"),
