@@ -49,6 +49,8 @@ def test_config_resolves_to_plain_picklable_dataclasses(BASE):
     ("NoSuchThing.x = 1", "NoSuchThing"),
     ("TrainConfig.max_steps = 0", "TrainConfig.max_steps"),
     ("OptimConfig.lr = {'vit': 1.0}", "OptimConfig.lr"),
+    ("ModelConfig.init_from = '/nonexistent/ckpt'", "ModelConfig.init_from"),
+    ("ModelConfig.init_scheme = 'xavier'", "ModelConfig.init_scheme"),
 ])
 def test_bad_binding_fails_at_load_naming_it(binding, named, BASE):
     with pytest.raises(SystemExit, match=named):
