@@ -119,6 +119,10 @@ def test_loader_follows_mixture_rates(tmp_path):
     batches = _take(TrainLoader(mix, fake_preprocess, _cfg(batch_size=10, shuffle_buffer=1)), 60)
     ids = [i for b in batches for i in _ids(b)]
     assert abs(sum(i.startswith("b") for i in ids) / len(ids) - 1 / 3) < 0.06
+    with pytest.raises(ValueError, match="'smal'"):
+        Mixture.root_size({"all": (1.0, {"big": big, "small": small})}, size_overrides={"smal": 160})
+    with pytest.raises(ValueError, match="sizes must be > 0"):
+        Mixture.root_size({"all": (1.0, {"big": big, "small": small})}, size_overrides={"small": 0})
 
 
 def _write_corrupt_shard(path: Path):
@@ -176,6 +180,12 @@ def test_eval_loader_exactly_once_equal_length(corrupt_set, tmp_path):
     real = [m["id"] for m in metas if not m["padding"]]
     assert sorted(real) == sorted([f"g{i:04d}" for i in range(12)] + ["c0000"])
     assert sum(m.get("corrupt", False) for m in metas) == 3 and loader.stats["corrupt"] >= 3
+
+
+def test_train_loader_rejects_an_empty_shard_set(tmp_path):
+    empty = _shard_set(tmp_path / "empty", "x", 0, shard_size=4)
+    with pytest.raises(ValueError, match="no samples"):
+        TrainLoader(Mixture.single(empty), fake_preprocess, _cfg(num_workers=0))
 
 
 def test_real_preprocessor_in_workers(tmp_path):

@@ -2,6 +2,10 @@
 
 import io
 import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +138,33 @@ def test_ensure_synthetic_shards_builds_once(tmp_path):
     assert (out / "sizes.json").stat().st_mtime_ns == mtime
     ensure_synthetic_shards(out, "synthetic_counting", n=10, seed=1, image_size=64, shard_size=5)
     assert sum(read_sizes(out).values()) == 10
+
+
+def _build_when_released(barrier, out):
+    barrier.wait()
+    ensure_synthetic_shards(out, "synthetic_counting", n=4, seed=2, image_size=32, shard_size=2)
+
+
+def test_ensure_synthetic_shards_concurrent_ranks(tmp_path, monkeypatch):
+    """Ranks that build the same missing set at once: none fails, and the set ends up complete."""
+    slow_replace = os.replace
+
+    def replace(src, dst):  # widen the window between "not built yet" and publishing the built set
+        if Path(src).is_dir():
+            time.sleep(0.3)
+        slow_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    ctx = multiprocessing.get_context("fork")  # the children inherit the patch
+    barrier = ctx.Barrier(3)
+    out = tmp_path / "c"
+    ranks = [ctx.Process(target=_build_when_released, args=(barrier, out)) for _ in range(3)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(60)
+    assert [rank.exitcode for rank in ranks] == [0, 0, 0]
+    assert sum(read_sizes(out).values()) == 4 and not list(tmp_path.glob("c.tmp-*"))
 
 
 def _pre(n_tokens, n_crops, subsegments=False, P=4, T=2):

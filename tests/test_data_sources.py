@@ -204,6 +204,17 @@ def test_input_path_reads_saved_dataset_and_parquet(tmp_path):
         assert len(_read(out)) == n
 
 
+def test_input_parquet_folder_takes_only_the_named_split(tmp_path):
+    rows, _ = CASES["chart_qa"]  # MathVista's real layout: data/testmini-*.parquet next to data/test-*.parquet
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    _dataset(rows * 3).to_parquet(str(tmp_path / "hub" / "data" / "testmini-00000-of-00001.parquet"))
+    _dataset(rows * 2).to_parquet(str(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet"))
+    for split, n in (("test", 2), ("testmini", 3)):
+        summary = build.build("chart_qa", tmp_path / split, split=split, input_path=str(tmp_path / "hub"),
+                              progress=False)
+        assert summary["rows"] == n and len(_read(tmp_path / split)) == n
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     hits: dict = {}
 
@@ -276,3 +287,20 @@ def test_ai2d_keeps_the_box_flags_of_molmos_layout(tmp_path):
     (ex,) = _read(tmp_path / "out")
     assert ex["options"] == ["a", "b"] and ex["answer_idx"] == 1
     assert ex["metadata"]["abc_label"] is True and ex["metadata"]["has_transparent_box"] is False
+
+
+def test_mmmu_rows_without_one_valid_option_letter_are_skipped_not_mislabelled(tmp_path):
+    base = CASES["mmmu"][0][0]
+    rows = [{**base, "id": f"validation_Art_{k}", "answer": a} for k, a in enumerate(["B", "", "D", "['A', 'B']"])]
+    summary = build.build_hf(HF_SOURCES["mmmu"], tmp_path / "out", split="validation", dataset=_dataset(rows),
+                             progress=False)
+    (ex,) = _read(tmp_path / "out")
+    assert ex["metadata"]["id"] == "validation_Art_0" and ex["answer_idx"] == 1
+    assert summary["rows_lost"] == {"skipped by the converter": 3}
+
+
+def test_a_malformed_row_fails_with_the_row_named(tmp_path):
+    rows = [dict(r) for r in CASES["a_okvqa"][0]]
+    rows.append({**rows[0], "correct_choice_idx": None})  # as in A-OKVQA's test split, which has no answers
+    with pytest.raises(ValueError, match=r"'a_okvqa', split 'test', row 1: .*correct_choice_idx"):
+        build.build_hf(HF_SOURCES["a_okvqa"], tmp_path / "out", split="test", dataset=_dataset(rows), progress=False)

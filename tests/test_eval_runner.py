@@ -130,6 +130,14 @@ def test_changed_settings_are_refused(checkpoint, data_dir, tmp_path):
     assert runner.run(_cfg(checkpoint, data_dir, tmp_path, top_k=1, overwrite=True))[0]["n"] == N
 
 
+def test_results_of_another_shard_set_are_refused(checkpoint, data_dir, tmp_path):
+    runner.run(_cfg(checkpoint, data_dir, tmp_path / "out"))
+    other = tmp_path / "other_data" / "synthetic_charts"
+    shutil.copytree(data_dir / "synthetic_charts", other)  # e.g. a rebuilt set: its predictions must not mix
+    with pytest.raises(ValueError, match="other settings"):
+        runner.run(_cfg(checkpoint, other.parent, tmp_path / "out"))
+
+
 def _gold_text(name: str, index: int) -> str:
     ex = make_example(name, index, 0, "validation").example
     size = [224, 224]

@@ -57,6 +57,18 @@ def test_bad_binding_fails_at_load_naming_it(binding, named, BASE):
         load_config([str(REPO / "gin" / "tiny.gin")], BASE + [binding])
 
 
+def test_mixture_settings_that_the_mixture_would_reject_fail_at_load(BASE, shard_set):
+    two_sets = f"DataConfig.shards = {{'a': '{shard_set}', 'b': '{shard_set}'}}"
+    for binding, named in (("DataConfig.rates = {'a': 1.0}", "DataConfig.rates"),
+                           ("DataConfig.rates = {'a': 0.0, 'b': 0.0}", "DataConfig.rates"),
+                           ("DataConfig.groups = {'x': (1.0, ['a', 'b']), 'y': (1.0, ['b'])}", "DataConfig.groups"),
+                           ("DataConfig.size_overrides = {'c': 10}", "DataConfig.size_overrides")):
+        with pytest.raises(SystemExit, match=named):
+            load_config([str(REPO / "gin" / "tiny.gin")], BASE + [two_sets, binding])
+    cfg = load_config([str(REPO / "gin" / "tiny.gin")], BASE + [two_sets, "DataConfig.rates = {'a': 1.0, 'b': 0.0}"])
+    assert cfg.data.rates == {"a": 1.0, "b": 0.0}
+
+
 def test_cli_bad_binding_fails_before_training(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "molmo_fast.train", "--gin_file", "gin/demo.gin", "--gin_param",
@@ -271,3 +283,37 @@ def test_flops_count_lm_head_per_loss_position_and_no_embedding():
     per_crop = count(1, 16, 1, 0) - count(1, 16, 0, 0)
     assert count(1, 16, 3, 0) - count(1, 16, 0, 0) == pytest.approx(3 * per_crop)
     assert per_crop > 6 * count.n_vit * model.config.vision.num_patches
+
+
+def test_resume_purges_metrics_past_the_checkpoint_and_a_line_cut_by_kill_9(tmp_path):
+    import json
+
+    from molmo_fast.train.metrics import MetricsLogger
+
+    lines = [json.dumps({"step": s, "train/loss": 1.0 / s}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 4, "train/lo')
+    logger = MetricsLogger(tmp_path, enabled=True, purge_step=3)
+    logger.log(3, {"train/loss": 0.5})
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["train/loss"] == 0.5
+
+
+def test_saving_after_a_resume_from_an_earlier_checkpoint_drops_the_abandoned_newer_ones(tmp_path):
+    import torch.distributed as dist
+
+    from molmo_fast.train.checkpoint import checkpoint_dirs, find_checkpoint, save_checkpoint
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Linear(2, 2)
+        opt = torch.optim.AdamW(model.parameters())
+        for step in (2, 4, 6):
+            save_checkpoint(tmp_path, step, model, opt, {}, keep_last=2)
+        assert [s for s, _ in checkpoint_dirs(tmp_path)] == [4, 6]
+        # Resumed from step_4 (a rollback) and saved step 5: a later `--resume latest` must come back to step 5.
+        save_checkpoint(tmp_path, 5, model, opt, {}, keep_last=2)
+        assert [s for s, _ in checkpoint_dirs(tmp_path)] == [4, 5]
+        assert find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_5"
+    finally:
+        dist.destroy_process_group()

@@ -215,6 +215,8 @@ class TrainLoader:
         self.stats = {"corrupt": 0, "truncated": 0, "examples": 0}
         for name, d in mixture.shard_dirs.items():
             n = len(read_sizes(d))
+            if n == 0:
+                raise ValueError(f"shard set {name!r} at {d} has no samples (empty sizes.json): nothing to train on")
             if n < self.world_size * max(cfg.num_workers, 1):
                 log.warning("shard set %r has %d shards < %d streams: streams share shards (not disjoint)",
                             name, n, self.world_size * max(cfg.num_workers, 1))

@@ -78,9 +78,12 @@ class Mixture:
     ) -> "Mixture":
         """`{group: (weight, {name: shard_dir})}`; sizes come from each set's sizes.json unless overridden."""
         overrides = size_overrides or {}
-        sized = {g: (w, {n: overrides.get(n) or shard_set_size(d) for n, d in dirs.items()})
-                 for g, (w, dirs) in groups.items()}
         dirs = {n: str(d) for _, (_, group_dirs) in groups.items() for n, d in group_dirs.items()}
+        unknown = sorted(set(overrides) - set(dirs))
+        if unknown:  # a misspelt name would otherwise leave that dataset at its full size, silently
+            raise ValueError(f"size_overrides names {unknown} are not datasets of the mixture {sorted(dirs)}")
+        sized = {g: (w, {n: overrides[n] if n in overrides else shard_set_size(d) for n, d in group_dirs.items()})
+                 for g, (w, group_dirs) in groups.items()}
         return cls(dirs, root_size_rates(sized))
 
     def sampler(self, rng: np.random.Generator) -> "MixtureSampler":

@@ -196,9 +196,11 @@ def _shard_dir(task: Task, cfg: EvalConfig, rank: int, world: int) -> Path:
     return shard_dir
 
 
-def _settings(task: Task, cfg: EvalConfig, model: MolmoE, pre: Preprocessor, hf_dir: Path) -> dict[str, Any]:
+def _settings(task: Task, cfg: EvalConfig, model: MolmoE, pre: Preprocessor, hf_dir: Path,
+              shard_dir: Path) -> dict[str, Any]:
     """Everything that determines the numbers; a resumed or cached run must match it."""
     return {"task": asdict(task), "checkpoint": str(hf_dir), "step": _checkpoint_step(hf_dir),
+            "shards": str(shard_dir.resolve()),
             "max_crops": pre.max_crops, "max_new_tokens": cfg.max_new_tokens or task.max_new_tokens,
             "sequence_length": task.sequence_length, "max_examples": cfg.max_examples, "loss": cfg.loss,
             "synthetic_seed": cfg.synthetic_seed if task.synthetic_size else None, "model": knobs.describe(model)}
@@ -379,7 +381,7 @@ def run(cfg: EvalConfig) -> list[dict[str, Any]]:
         knobs.set_max_new_tokens(model, cfg.max_new_tokens or task.max_new_tokens)
         shard_dir = _shard_dir(task, cfg, rank, world)
         task_dir = out_dir / (f"{task.name}_loss" if cfg.loss else task.name)
-        settings = _settings(task, cfg, model, pre, hf_dir)
+        settings = _settings(task, cfg, model, pre, hf_dir, shard_dir)
         _prepare_task_dir(task_dir, settings, cfg, rank, world)
         start = time.perf_counter()
         if cfg.loss:

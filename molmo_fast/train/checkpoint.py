@@ -92,7 +92,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        for _, old in checkpoint_dirs(run_dir)[:-keep_last]:
+        # Checkpoints past this step belong to the branch a resume from an earlier checkpoint abandoned: left in
+        # place, `--resume latest` would go back to them after the next interruption.
+        done = checkpoint_dirs(run_dir)
+        abandoned = [path for s, path in done if s > step]
+        for old in abandoned + [path for s, path in done if s <= step][:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".tmp_step_*"):
             shutil.rmtree(stale, ignore_errors=True)

@@ -120,11 +120,16 @@ class DataConfig:
             _require(name in names, "DataConfig", "rates", name, f"one of the shard set names {sorted(names)}")
             _require(isinstance(rate, (int, float)) and rate >= 0, "DataConfig", "rates", {name: rate},
                      "non-negative rates")
+        # The Mixture needs a rate for every set; failing there would leave a half-made run directory behind.
+        _require(not self.rates or (set(self.rates) == names and sum(self.rates.values()) > 0), "DataConfig",
+                 "rates", self.rates, f"a rate for every shard set {sorted(names)}, not all 0")
         grouped = [n for _, members in self.groups.values() for n in members]
         for name in grouped:
             _require(name in names, "DataConfig", "groups", name, f"one of the shard set names {sorted(names)}")
-        _require(not self.groups or set(grouped) == names, "DataConfig", "groups", sorted(set(grouped)),
+        _require(not self.groups or sorted(grouped) == sorted(names), "DataConfig", "groups", sorted(grouped),
                  f"every shard set in exactly one group: {sorted(names)}")
+        for name in self.size_overrides:
+            _require(name in names, "DataConfig", "size_overrides", name, f"one of the shard set names {sorted(names)}")
         _require(self.sequence_length > 0, "DataConfig", "sequence_length", self.sequence_length, "> 0")
         _require(self.num_workers >= 0, "DataConfig", "num_workers", self.num_workers, ">= 0")
         check_shard_sets(self.shards)

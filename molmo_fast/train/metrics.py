@@ -68,6 +68,14 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     return {"memory/max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; inf (dropped on resume) for the line a kill -9 may have cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsLogger:
     """Writes scalars on rank 0; a resumed run reuses the TensorBoard dir and hides events past the resume step."""
 
@@ -82,7 +90,7 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step, max_queue=1000)
             path = run_dir / "metrics.jsonl"
             if purge_step is not None and path.exists():
-                kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] < purge_step]
+                kept = [l for l in path.read_text().splitlines() if _step_of(l) < purge_step]
                 path.write_text("".join(l + "\n" for l in kept))
             self.jsonl = path.open("a")
 

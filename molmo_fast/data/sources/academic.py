@@ -77,7 +77,10 @@ def mmmu(row, size):
     meta = {"id": row["id"], "question_type": row.get("question_type"), "answer": row["answer"]}
     options = as_list(row.get("options"))
     if row.get("question_type") == "multiple-choice" and options:
-        idx = "ABCDEFGHIJ".index(row["answer"].strip()) if row["answer"].strip() in "ABCDEFGHIJ" else 0
+        letter = row["answer"].strip()
+        idx = "ABCDEFGHIJ".find(letter) if len(letter) == 1 else -1
+        if not 0 <= idx < len(options):
+            return []  # no single option letter (e.g. several answers): the build counts it as skipped
         return [{"style": "mmmu", "question": question, "options": [str(o) for o in options], "answer_idx": idx,
                  "metadata": meta}]
     return [{"style": "mmmu", "question": question, "answers": [str(row["answer"])], "metadata": meta}]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import itertools
 import os
+import re
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,8 +58,10 @@ def load_rows(source: HFSource, split: str, input_path: str | None = None) -> da
         elif (path / "dataset_dict.json").is_file():
             ds = datasets.load_from_disk(str(path))[split]
         elif path.is_dir():
-            files = sorted(str(p) for p in path.rglob("*.parquet") if split in p.name) or \
-                sorted(str(p) for p in path.rglob("*.parquet"))
+            # the split as a whole word of the file's path: "test" must not also take "testmini-*.parquet"
+            in_split = re.compile(rf"(^|[^a-zA-Z0-9]){re.escape(split)}([^a-zA-Z0-9]|$)")
+            files = sorted(str(p) for p in path.rglob("*.parquet") if in_split.search(p.relative_to(path).as_posix())) \
+                or sorted(str(p) for p in path.rglob("*.parquet"))
             if not files:
                 raise FileNotFoundError(f"{path}: no saved dataset and no .parquet files")
             ds = datasets.load_dataset("parquet", data_files=files, split="train")
@@ -175,7 +178,11 @@ def iter_records(
         if data is None:
             lost[problem] = lost.get(problem, 0) + 1
             continue
-        converted = source.convert(row, size)
+        try:
+            converted = source.convert(row, size)
+        except Exception as exn:
+            raise ValueError(f"source {source.name!r}, split {split!r}, row {i}: the converter failed on this row "
+                             f"({type(exn).__name__}: {exn}); columns: {sorted(row)}") from exn
         if not converted:
             lost["skipped by the converter"] = lost.get("skipped by the converter", 0) + 1
         for k, fields in enumerate(converted):

@@ -7,6 +7,7 @@ the default data of the training demo and of the eval tests, and a tiny model ha
 
 from __future__ import annotations
 
+import fcntl
 import io
 import math
 import os
@@ -165,13 +166,20 @@ def ensure_synthetic_shards(out_dir: str | os.PathLike, source: str, n: int, see
     params = {"source": source, "split": split, "n": n, "seed": seed, "image_size": image_size}
     if read_info(out_dir).get("build") == params and (out_dir / SIZES_FILE).is_file():
         return out_dir
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with ShardSetWriter(tmp, shard_size=shard_size, info={"build": params}) as writer:
-        writer.write_all(generate(source, n, seed, split, image_size))
-    if read_info(out_dir).get("build") == params:  # another process finished first
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # check-then-publish is not atomic: without the lock, a rank could delete the set another rank just published
+    # (and is reading), or fail to rename onto it
+    lock = os.open(out_dir.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if read_info(out_dir).get("build") == params and (out_dir / SIZES_FILE).is_file():
+            return out_dir
+        tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        with ShardSetWriter(tmp, shard_size=shard_size, info={"build": params}) as writer:
+            writer.write_all(generate(source, n, seed, split, image_size))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
         return out_dir
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
+    finally:
+        os.close(lock)
