@@ -94,6 +94,30 @@ def test_resume_gives_identical_batches(tmp_path):
         TrainLoader(mix, fake_preprocess, _cfg(seed=5)).load_state_dict(state)
 
 
+def test_resume_rejects_changed_stream_settings(tmp_path):
+    a = _shard_set(tmp_path / "a", "a", 10, shard_size=5)
+    b = _shard_set(tmp_path / "b", "b", 10, shard_size=5)
+    mix = Mixture({"a": a, "b": b}, {"a": 0.5, "b": 0.5})
+    state = json.loads(json.dumps(TrainLoader(mix, fake_preprocess, _cfg(), rank=0, world_size=2).state_dict()))
+    TrainLoader(mix, fake_preprocess, _cfg(), rank=1, world_size=2).load_state_dict(state)  # rank may differ
+    changed = {"batch_size": _cfg(batch_size=4), "epoch_batches": _cfg(epoch_batches=4),
+               "shuffle_buffer": _cfg(shuffle_buffer=7), "num_workers": _cfg(num_workers=1)}
+    for field, cfg in changed.items():
+        with pytest.raises(ValueError, match=rf"{field}: saved \d+, now \d+"):
+            TrainLoader(mix, fake_preprocess, cfg, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"world_size: saved 2, now 1"):
+        TrainLoader(mix, fake_preprocess, _cfg()).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"rates: saved .*, now .*0\.75"):
+        TrainLoader(Mixture({"a": a, "b": b}, {"a": 0.75, "b": 0.25}), fake_preprocess, _cfg(),
+                    rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"shard_sets: saved") as err:
+        TrainLoader(Mixture({"a": a}), fake_preprocess, _cfg(), rank=0, world_size=2).load_state_dict(state)
+    assert "rates: saved" in str(err.value)  # every mismatching field is named, not just the first
+    old = {k: state[k] for k in ("step", "seed", "num_workers", "stats")}  # a state saved before these checks
+    with pytest.raises(ValueError, match="lacks the stream settings"):
+        TrainLoader(mix, fake_preprocess, _cfg(), rank=0, world_size=2).load_state_dict(old)
+
+
 def test_mixture_rates_within_tolerance():
     rates = {"a": 0.6, "b": 0.3, "c": 0.1}
     sampler = Mixture({k: f"/{k}" for k in rates}, rates).sampler(np.random.default_rng(0))

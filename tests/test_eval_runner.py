@@ -250,3 +250,30 @@ def test_runs_on_cuda_in_bfloat16(checkpoint, data_dir, tmp_path):
     result = runner.run(_cfg(checkpoint, data_dir, tmp_path, device="cuda", dtype="bfloat16"))[0]
     model = result["settings"]["model"]
     assert result["n"] == N and model["dtype"] == "bfloat16" and model["device"].startswith("cuda")
+
+
+@pytest.mark.parametrize("device, world, local_rank, cuda, expected, backend", [
+    ("auto", 4, 2, True, "cuda:2", "cpu:gloo,cuda:nccl"),  # torchrun on GPUs: each rank its own GPU, nccl
+    ("cuda", 4, 3, True, "cuda:3", "cpu:gloo,cuda:nccl"),
+    ("auto", 4, 2, False, "cpu", "gloo"),
+    ("cpu", 4, 1, True, "cpu", "gloo"),
+    ("cuda:1", 1, 0, True, "cuda:1", "cpu:gloo,cuda:nccl"),  # a single process may pick any GPU
+    ("auto", 1, 0, False, "cpu", "gloo"),
+])
+def test_each_torchrun_rank_gets_its_own_gpu_and_nccl(device, world, local_rank, cuda, expected, backend):
+    assert runner.resolve_device(device, world, local_rank, cuda) == (torch.device(expected), backend)
+
+
+@pytest.mark.parametrize("device, cuda, message", [("cuda:0", True, "all 2 torchrun ranks on one GPU"),
+                                                   ("cuda", False, "CUDA is not available")])
+def test_a_device_that_cannot_work_names_the_flag(device, cuda, message):
+    with pytest.raises(ValueError, match=rf"--device.*{message}"):
+        runner.resolve_device(device, 2, 1, cuda)
+
+
+def test_cli_rejects_a_pinned_gpu_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", "unused", "--tasks", "synthetic", "--device", "cuda:1"])
+    assert "--device) = 'cuda:1' would put all 2 torchrun ranks on one GPU" in capsys.readouterr().err

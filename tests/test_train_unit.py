@@ -317,3 +317,45 @@ def test_saving_after_a_resume_from_an_earlier_checkpoint_drops_the_abandoned_ne
         assert find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_5"
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_reduces_gradients_only_on_the_last_micro_batch_with_unchanged_numerics():
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from molmo_fast.train.trainer import gradient_sync_steps
+
+    micro_batches = [{"x": torch.randn(3, 4, generator=torch.Generator().manual_seed(i))} for i in range(3)]
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    for i, batch in gradient_sync_steps(plain, micro_batches, defer=True):  # not FSDP-wrapped: the batches, in order
+        assert batch is micro_batches[i]
+        plain(batch["x"]).square().sum().backward()
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+        model.load_state_dict(plain.state_dict())
+        fully_shard(model, mesh=dist.init_device_mesh("cpu", (1,)))
+        flags = []
+        set_sync = model.set_requires_gradient_sync
+
+        def spy(requires_gradient_sync, **kwargs):
+            flags.append(requires_gradient_sync)
+            set_sync(requires_gradient_sync, **kwargs)
+
+        model.set_requires_gradient_sync = spy
+        model.zero_grad()
+        for _, batch in gradient_sync_steps(model, micro_batches, defer=False):  # the default: FSDP's own sync
+            model(batch["x"]).square().sum().backward()
+        assert flags == []
+        for p_plain, p_fsdp in zip(plain.parameters(), model.parameters()):
+            torch.testing.assert_close(p_fsdp.grad.full_tensor(), p_plain.grad, rtol=0, atol=1e-6)
+        for _ in range(2):  # the flag is set again for every step, not only the first
+            model.zero_grad()
+            for _, batch in gradient_sync_steps(model, micro_batches, defer=True):
+                model(batch["x"]).square().sum().backward()
+        assert flags == [False, False, True] * 2
+        for p_plain, p_fsdp in zip(plain.parameters(), model.parameters()):
+            torch.testing.assert_close(p_fsdp.grad.full_tensor(), p_plain.grad, rtol=0, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

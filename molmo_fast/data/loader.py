@@ -221,17 +221,29 @@ class TrainLoader:
                 log.warning("shard set %r has %d shards < %d streams: streams share shards (not disjoint)",
                             name, n, self.world_size * max(cfg.num_workers, 1))
 
+    def _stream_settings(self) -> dict[str, Any]:
+        """Everything that, with the step, defines the batch stream; JSON-shaped so a saved copy compares equal."""
+        cfg = self.cfg
+        return {"seed": cfg.seed, "batch_size": cfg.batch_size, "epoch_batches": cfg.epoch_batches,
+                "shuffle_buffer": cfg.shuffle_buffer, "world_size": self.world_size, "num_workers": cfg.num_workers,
+                # Shard file names, not directories: moving the data between runs leaves the stream unchanged.
+                "shard_sets": {name: [os.path.basename(p) for p in read_sizes(d)]
+                               for name, d in sorted(self.mixture.shard_dirs.items())},
+                "rates": {name: float(r) for name, r in sorted(self.mixture.rates.items())}}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "seed": self.cfg.seed, "num_workers": self.cfg.num_workers,
-                "stats": dict(self.stats)}
+        return {"step": self.step, **self._stream_settings(), "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("seed", "num_workers"):
-            if state[name] != getattr(self.cfg, name):
-                raise ValueError(
-                    f"loader state has {name}={state[name]} but LoaderConfig.{name}={getattr(self.cfg, name)}: "
-                    f"the data stream would differ from the checkpointed run"
-                )
+        now = self._stream_settings()
+        missing = [name for name in now if name not in state]
+        if missing:
+            raise ValueError(f"loader state lacks the stream settings {missing} (saved by an older version?): "
+                             f"cannot check that resuming reproduces the checkpointed data stream")
+        mismatched = [f"{name}: saved {state[name]!r}, now {now[name]!r}" for name in now if state[name] != now[name]]
+        if mismatched:
+            raise ValueError("loader state does not match the current data settings, so the data stream would "
+                             "differ from the checkpointed run:\n  " + "\n  ".join(mismatched))
         self.step = int(state["step"])
         self.stats = dict(state["stats"])
 

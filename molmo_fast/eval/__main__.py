@@ -8,8 +8,9 @@ import logging
 from pathlib import Path
 
 import gin
+import torch
 
-from molmo_fast.eval.runner import EvalConfig, run, summary_table
+from molmo_fast.eval.runner import EvalConfig, resolve_device, run, summary_table, torchrun_env
 from molmo_fast.eval.tasks import TASKS
 
 GIN_DIR = Path(__file__).resolve().parents[2] / "gin"
@@ -53,6 +54,7 @@ def main(argv=None) -> list[dict]:
     gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
     try:
         cfg = EvalConfig(**overrides)
+        resolve_device(cfg.device, *torchrun_env(), torch.cuda.is_available())  # a bad --device: a usage error
     except ValueError as e:
         parser.error(str(e))
     finally:

@@ -127,20 +127,34 @@ def _checkpoint_step(hf_dir: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- setup
+def torchrun_env() -> tuple[int, int]:
+    """(world size, local rank) that torchrun gave this process; (1, 0) for a plain launch."""
+    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_device(device: str, world: int, local_rank: int, cuda_available: bool) -> tuple[torch.device, str]:
+    """This rank's device and the process-group backend for it. Under torchrun each rank takes its own GPU,
+    cuda:LOCAL_RANK, and CUDA tensors go over nccl (gloo stays for the host-side reductions)."""
+    if device.startswith("cuda") and not cuda_available:
+        raise ValueError(f"EvalConfig.device (--device) = {device!r}, but CUDA is not available (use 'cpu' or 'auto')")
+    if device.startswith("cuda:") and world > 1:
+        raise ValueError(f"EvalConfig.device (--device) = {device!r} would put all {world} torchrun ranks on one GPU; "
+                         f"use 'cuda' or 'auto', which give each rank cuda:LOCAL_RANK")
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    resolved = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    return resolved, "cpu:gloo,cuda:nccl" if resolved.type == "cuda" else "gloo"
+
+
 def _distributed(cfg: EvalConfig) -> tuple[int, int, torch.device]:
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"EvalConfig.device = {cfg.device!r}, but CUDA is not available (use 'cpu' or 'auto')")
-    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    device, backend = resolve_device(cfg.device, *torchrun_env(), torch.cuda.is_available())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group, so nccl binds each rank to its own GPU
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+        dist.init_process_group(backend)
     if cfg.fsdp and not dist.is_initialized():
         raise ValueError("EvalConfig.fsdp needs a process group: launch with torchrun --nproc_per_node=N")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if cfg.device not in ("auto", "cuda"):
-        return rank, world, torch.device(cfg.device)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
     return rank, world, device
 
 

@@ -206,6 +206,9 @@ class TrainConfig:
     moe_zloss_weight: float = 0.0
     activation_checkpointing: bool = True
     compile: bool = False
+    # Reduce-scatter once per step instead of per micro-batch: less traffic, but unsharded gradients of the whole
+    # model are held on every rank during accumulation (tens of GB for molmoe-1b).
+    defer_grad_sync: bool = False
     bf16: bool = True  # bf16 compute with fp32 master weights and reductions; ignored on CPU
     log_every: int = 10
     checkpoint_every: int = 1000

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from molmo_fast.train import checkpoint as ckpt
 from molmo_fast.train.config import Config
@@ -141,6 +143,17 @@ def loss_positions(batch: dict) -> dict[str, torch.Tensor]:
             "loss_tokens": mask_BS.sum(dtype=torch.float32)}
 
 
+def gradient_sync_steps(model: nn.Module, micro_batches: list[dict], defer: bool) -> Iterator[tuple[int, dict]]:
+    """The step's micro-batches, enumerated. With `defer`, an FSDP2 model reduce-scatters gradients only in the
+    backward of the last one: one reduce-scatter per step instead of per micro-batch, at the price of holding
+    unsharded gradients across the step (the full model's gradients on every rank), hence off by default."""
+    fsdp = defer and isinstance(model, FSDPModule)
+    for i, batch in enumerate(micro_batches):
+        if fsdp:
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        yield i, batch
+
+
 def micro_batch_loss(model: nn.Module, batch: dict, divisor: torch.Tensor, lm_zloss_weight: float, n_micro: int,
                      want_router: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list | None]:
     """Loss of one micro-batch (already divided by the global divisor) and its detached parts.
@@ -251,7 +264,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         lrs = set_learning_rates(optimizer, step, cfg.train.max_steps, cfg.optim.final_lr_ratio)
         totals: dict[str, torch.Tensor] = {}
         moe = None
-        for i, host_batch in enumerate(micro_batches):
+        for i, host_batch in gradient_sync_steps(model, micro_batches, cfg.train.defer_grad_sync):
             batch = to_device(host_batch, env.device)  # one micro-batch on the device at a time
             want_router = log_now and i == 0
             loss, parts, router_logits = micro_batch_loss(model, batch, divisor, cfg.train.lm_zloss_weight,
