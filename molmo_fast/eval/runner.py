@@ -30,6 +30,7 @@ from molmo_fast.data.loader import EvalLoader, LoaderConfig
 from molmo_fast.data.preprocessor import Preprocessor
 from molmo_fast.eval.tasks import Task, parse_tasks
 from molmo_fast.model.molmoe import MolmoE
+from molmo_fast.train.trainer import loss_positions
 
 log = logging.getLogger(__name__)
 
@@ -354,17 +355,20 @@ def loss_task(task: Task, model: MolmoE, pre: Preprocessor, cfg: EvalConfig, sha
     for batch in tqdm(loader, desc=f"{task.name} (loss)", disable=rank != 0, unit="batch"):
         inputs = _model_inputs(batch, "cpu", dtype)
         real = torch.tensor([not m.get("padding") for m in batch["metadata"]])
-        mask = inputs["loss_masks"] * real[:, None]
-        out = model(inputs["input_ids"].to(device), inputs["images"].to(device), inputs["image_masks"].to(device),
-                    inputs["image_input_idx"].to(device), position_ids=inputs["position_ids"].clamp_min(0).to(device),
-                    subsegment_ids=inputs["subsegment_ids"].to(device) if "subsegment_ids" in inputs else None)
-        logits = out.logits.float().cpu()
-        labels = inputs["labels"]
-        ce = F.cross_entropy(logits.flatten(0, 1), labels.clamp_min(0).flatten(), reduction="none").view_as(labels)
-        counted = mask > 0
+        inputs["loss_masks"] = inputs["loss_masks"] * real[:, None]
+        # As in training: the LM head runs at the loss positions only, located on the host copy.
+        at = {k: v.to(device) for k, v in loss_positions(inputs).items()}
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        out = model(inputs["input_ids"], inputs["images"], inputs["image_masks"], inputs["image_input_idx"],
+                    position_ids=inputs["position_ids"].clamp_min(0), subsegment_ids=inputs.get("subsegment_ids"),
+                    logits_at=at["loss_at"], right_padded=True)
+        logits = out.logits.float()
+        labels, weight = at["loss_labels"], at["loss_weight"]
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        counted = weight > 0
         hit = (logits.argmax(-1) == labels) & counted
-        sums += torch.tensor([(ce * mask).sum().item(), mask.sum().item(), hit.sum().item(), counted.sum().item(),
-                              real.sum().item()], dtype=torch.float64)
+        sums += torch.stack([(ce * weight).sum(), weight.sum(), hit.sum(), counted.sum(),
+                             real.sum().to(device)]).double().cpu()
     if world > 1:
         dist.all_reduce(sums)
     ce_sum, weight, correct, tokens, n = sums.tolist()
