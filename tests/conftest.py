@@ -24,3 +24,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return GOLDEN
+
+
+@pytest.fixture(scope="module")
+def golden_model(golden_dir):
+    """The golden tiny checkpoint through the public loader (module-scoped: tests may turn its knobs)."""
+    from molmo_fast.model.molmoe import MolmoE
+
+    return MolmoE.from_pretrained(golden_dir / "tiny_model")
+
+
+@pytest.fixture(scope="session")
+def golden_cases(golden_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(golden_dir / "cases.safetensors")

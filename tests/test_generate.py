@@ -2,36 +2,25 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from molmo_fast import generate as generate_cli
 from molmo_fast.model.molmoe import MolmoE
-
-
-@pytest.fixture(scope="module")
-def model(golden_dir):
-    return MolmoE.from_pretrained(golden_dir / "tiny_model")
-
-
-@pytest.fixture(scope="module")
-def cases(golden_dir):
-    return load_file(golden_dir / "cases.safetensors")
 
 
 def image_inputs(cases, case):
     return [cases[f"{case}.{k}"][None] for k in ("images", "image_masks", "image_input_idx")]
 
 
-def test_golden_generation(model, cases, golden_dir):
+def test_golden_generation(golden_model, golden_cases, golden_dir):
     meta = json.loads((golden_dir / "cases.json").read_text())["generation"]
-    prompt = cases["generation.input_ids"][None]
-    ids, step_logits = model.generate(prompt, *image_inputs(cases, meta["prompt_case"]),
+    prompt = golden_cases["generation.input_ids"][None]
+    ids, step_logits = golden_model.generate(prompt, *image_inputs(golden_cases, meta["prompt_case"]),
                                       max_new_tokens=meta["max_new_tokens"], eos_token_id=meta["eos_token_id"],
                                       output_logits=True)
     assert ids.shape == (1, prompt.shape[1] + meta["max_new_tokens"])
     assert torch.equal(ids[0, : prompt.shape[1]], prompt[0])
-    assert torch.equal(ids[0, prompt.shape[1]:], cases["generation.new_tokens"])
-    torch.testing.assert_close(step_logits[0], cases["generation.step_logits"], atol=1e-4, rtol=1e-4)
+    assert torch.equal(ids[0, prompt.shape[1]:], golden_cases["generation.new_tokens"])
+    torch.testing.assert_close(step_logits[0], golden_cases["generation.step_logits"], atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
@@ -42,41 +31,41 @@ def full_recompute_greedy(model, ids, images, masks, idx, n):
     return ids
 
 
-def test_kv_cache_equals_full_recompute(model, cases):
-    prompt = cases["two_images.input_ids"][None]
-    images = image_inputs(cases, "two_images")
-    cached = model.generate(prompt, *images, max_new_tokens=10)
-    assert torch.equal(cached, full_recompute_greedy(model, prompt, *images, 10))
+def test_kv_cache_equals_full_recompute(golden_model, golden_cases):
+    prompt = golden_cases["two_images.input_ids"][None]
+    images = image_inputs(golden_cases, "two_images")
+    cached = golden_model.generate(prompt, *images, max_new_tokens=10)
+    assert torch.equal(cached, full_recompute_greedy(golden_model, prompt, *images, 10))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_batch_of_different_lengths_equals_single(model, cases, side):
-    rows = [("single_image", cases["single_image.input_ids"]), ("single_image_b", cases["single_image_b.input_ids"])]
+def test_batch_of_different_lengths_equals_single(golden_model, golden_cases, side):
+    rows = [("single_image", golden_cases["single_image.input_ids"]), ("single_image_b", golden_cases["single_image_b.input_ids"])]
     S = max(len(r) for _, r in rows)
     ids = torch.full((2, S), -1, dtype=torch.int64)
-    N = max(cases[f"{c}.images"].shape[0] for c, _ in rows)
-    images = torch.full((2, N, *cases["single_image.images"].shape[1:]), -1.0)
-    masks = torch.full((2, N, cases["single_image.image_masks"].shape[1]), -1.0)
-    idx = torch.full((2, N, cases["single_image.image_input_idx"].shape[1]), -1, dtype=torch.int32)
+    N = max(golden_cases[f"{c}.images"].shape[0] for c, _ in rows)
+    images = torch.full((2, N, *golden_cases["single_image.images"].shape[1:]), -1.0)
+    masks = torch.full((2, N, golden_cases["single_image.image_masks"].shape[1]), -1.0)
+    idx = torch.full((2, N, golden_cases["single_image.image_input_idx"].shape[1]), -1, dtype=torch.int32)
     for b, (case, row) in enumerate(rows):
         pad = S - len(row) if side == "left" else 0
         ids[b, pad: pad + len(row)] = row
-        n = cases[f"{case}.images"].shape[0]
-        images[b, :n], masks[b, :n] = cases[f"{case}.images"], cases[f"{case}.image_masks"]
-        row_idx = cases[f"{case}.image_input_idx"]
+        n = golden_cases[f"{case}.images"].shape[0]
+        images[b, :n], masks[b, :n] = golden_cases[f"{case}.images"], golden_cases[f"{case}.image_masks"]
+        row_idx = golden_cases[f"{case}.image_input_idx"]
         idx[b, :n] = torch.where(row_idx >= 0, row_idx + pad, row_idx)
-    batched = model.generate(ids, images, masks, idx, max_new_tokens=6)
+    batched = golden_model.generate(ids, images, masks, idx, max_new_tokens=6)
     for b, (case, row) in enumerate(rows):
-        alone = model.generate(row[None], *image_inputs(cases, case), max_new_tokens=6)
+        alone = golden_model.generate(row[None], *image_inputs(golden_cases, case), max_new_tokens=6)
         assert torch.equal(batched[b, S:], alone[0, len(row):])
 
 
-def test_eos_stops_rows_and_pads(model, cases):
-    prompts = torch.stack([cases["text_only.input_ids"], cases["text_only.input_ids"].flip(0)])
-    free = model.generate(prompts, max_new_tokens=8)
+def test_eos_stops_rows_and_pads(golden_model, golden_cases):
+    prompts = torch.stack([golden_cases["text_only.input_ids"], golden_cases["text_only.input_ids"].flip(0)])
+    free = golden_model.generate(prompts, max_new_tokens=8)
     eos = int(free[0, prompts.shape[1] + 1])  # row 0 emits this as its 2nd new token
-    pad = model.generation_config["pad_token_id"]
-    out = model.generate(prompts, max_new_tokens=8, eos_token_id=eos)
+    pad = golden_model.generation_config["pad_token_id"]
+    out = golden_model.generate(prompts, max_new_tokens=8, eos_token_id=eos)
     new0 = out[0, prompts.shape[1]:]
     assert new0[1] == eos and (new0[2:] == pad).all()
     row1 = free[1, prompts.shape[1]:]
@@ -84,7 +73,7 @@ def test_eos_stops_rows_and_pads(model, cases):
     stop = int(hits[0]) + 1 if len(hits) else len(row1)
     assert torch.equal(out[1, prompts.shape[1]: prompts.shape[1] + stop], row1[:stop])
     # Both rows finished -> generation stops early, like HF generate.
-    both = model.generate(prompts[:1], max_new_tokens=8, eos_token_id=eos)
+    both = golden_model.generate(prompts[:1], max_new_tokens=8, eos_token_id=eos)
     assert both.shape[1] == prompts.shape[1] + 2
 
 
@@ -114,25 +103,25 @@ def test_gqa_model_kv_cache(tmp_path):
 
 
 @torch.no_grad()
-def test_incremental_forward_with_growing_cache(model, cases):
-    ids = cases["single_image.input_ids"][None]
-    images = image_inputs(cases, "single_image")
-    full = model(ids, *images).logits
+def test_incremental_forward_with_growing_cache(golden_model, golden_cases):
+    ids = golden_cases["single_image.input_ids"][None]
+    images = image_inputs(golden_cases, "single_image")
+    full = golden_model(ids, *images).logits
     split = int(images[2].max()) + 1  # prefill covers every image token, then decode the text one by one
     assert split < ids.shape[1] - 3
-    out = model(ids[:, :split], *images, use_cache=True)
+    out = golden_model(ids[:, :split], *images, use_cache=True)
     cache = out.past_key_values
     assert cache.length == split
     steps = [out.logits]
     for t in range(split, ids.shape[1]):  # the cache grows past its initial capacity here
-        steps.append(model(ids[:, t: t + 1], position_ids=torch.tensor([[t]]), past_key_values=cache,
+        steps.append(golden_model(ids[:, t: t + 1], position_ids=torch.tensor([[t]]), past_key_values=cache,
                            use_cache=True).logits)
     assert cache.length == ids.shape[1]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
-def test_prefill_takes_the_causal_fast_path_unless_left_padded(model, monkeypatch):
+def test_prefill_takes_the_causal_fast_path_unless_left_padded(golden_model, monkeypatch):
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -142,10 +131,10 @@ def test_prefill_takes_the_causal_fast_path_unless_left_padded(model, monkeypatc
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     prompt = torch.tensor([[999, 17, 400, 23, 8], [999, 5, 6, -1, -1]])
-    right = model.generate(prompt, max_new_tokens=2)
-    assert sum(calls) == model.config.llm.n_layers  # prefill only; decode steps need the padding mask
+    right = golden_model.generate(prompt, max_new_tokens=2)
+    assert sum(calls) == golden_model.config.llm.n_layers  # prefill only; decode steps need the padding mask
     calls.clear()
-    left = model.generate(torch.tensor([[999, 17, 400, 23, 8], [-1, -1, 999, 5, 6]]), max_new_tokens=2)
+    left = golden_model.generate(torch.tensor([[999, 17, 400, 23, 8], [-1, -1, 999, 5, 6]]), max_new_tokens=2)
     assert sum(calls) == 0
     assert torch.equal(left[:, -2:], right[:, -2:])
 
@@ -164,13 +153,13 @@ def _synced_rank(rank, init_file, checkpoint, prompts, eos, steps, results):
         dist.destroy_process_group()
 
 
-def test_sync_ranks_stops_all_ranks_on_the_same_step(model, cases, golden_dir, tmp_path):
-    prompts = torch.stack([cases["text_only.input_ids"], cases["text_only.input_ids"].flip(0)])
+def test_sync_ranks_stops_all_ranks_on_the_same_step(golden_model, golden_cases, golden_dir, tmp_path):
+    prompts = torch.stack([golden_cases["text_only.input_ids"], golden_cases["text_only.input_ids"].flip(0)])
     steps, S = 6, prompts.shape[1]
-    free = model.generate(prompts, max_new_tokens=steps)
+    free = golden_model.generate(prompts, max_new_tokens=steps)
     eos = next(t for t in free[0, S:].tolist() if t not in free[1, S:].tolist())  # row 0 finishes, row 1 never
-    pad = model.generation_config["pad_token_id"]
-    alone = model.generate(prompts[:1], max_new_tokens=steps, eos_token_id=eos)
+    pad = golden_model.generation_config["pad_token_id"]
+    alone = golden_model.generate(prompts[:1], max_new_tokens=steps, eos_token_id=eos)
     assert alone.shape[1] < S + steps  # unsynced, rank 0 alone would stop early
     results = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(_synced_rank, args=(str(tmp_path / "init"), str(golden_dir / "tiny_model"),
@@ -181,4 +170,4 @@ def test_sync_ranks_stops_all_ranks_on_the_same_step(model, cases, golden_dir, t
     assert torch.equal(rank0[:n0], alone[0]) and (rank0[n0:] == pad).all()
     assert torch.equal(rank1, free[1])
     with pytest.raises(ValueError, match="process group"):
-        model.generate(prompts, max_new_tokens=2, sync_ranks=True)
+        golden_model.generate(prompts, max_new_tokens=2, sync_ranks=True)

@@ -6,23 +6,12 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from molmo_fast.config import DropoutConfig
 from molmo_fast.model.moe import route
 from molmo_fast.model.molmoe import MolmoE
 
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def model(golden_dir):
-    return MolmoE.from_pretrained(golden_dir / "tiny_model")
-
-
-@pytest.fixture(scope="module")
-def cases(golden_dir):
-    return load_file(golden_dir / "cases.safetensors")
 
 
 def pytest_generate_tests(metafunc):
@@ -52,50 +41,50 @@ def inputs(cases, case, idx_dtype=torch.int64):
 
 @torch.no_grad()
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
-def test_logits_and_router(model, cases, case, idx_dtype):
-    ids, kw = inputs(cases, case, idx_dtype)
-    out = model(input_ids=ids, output_router_logits=True, **kw)
-    ref = cases[f"{case}.logits"].reshape(out.logits.shape)
+def test_logits_and_router(golden_model, golden_cases, case, idx_dtype):
+    ids, kw = inputs(golden_cases, case, idx_dtype)
+    out = golden_model(input_ids=ids, output_router_logits=True, **kw)
+    ref = golden_cases[f"{case}.logits"].reshape(out.logits.shape)
     valid = ids != -1
-    assert out.logits.shape[-1] == model.config.llm.embedding_size
+    assert out.logits.shape[-1] == golden_model.config.llm.embedding_size
     assert (out.logits - ref)[valid].abs().max() < ATOL
     valid_T = valid.reshape(-1)
-    k = model.config.moe.top_k
+    k = golden_model.config.moe.top_k
     for layer, logits_TE in enumerate(out.router_logits):
-        torch.testing.assert_close(logits_TE[valid_T], cases[f"{case}.router_logits"][layer][valid_T],
+        torch.testing.assert_close(logits_TE[valid_T], golden_cases[f"{case}.router_logits"][layer][valid_T],
                                    atol=ATOL, rtol=ATOL)
         idx, weight = route(logits_TE, k, k)
-        ref_idx = cases[f"{case}.router_topk_idx"][layer][valid_T]
-        ref_w = cases[f"{case}.router_topk_weight"][layer][valid_T]
+        ref_idx = golden_cases[f"{case}.router_topk_idx"][layer][valid_T]
+        ref_w = golden_cases[f"{case}.router_topk_weight"][layer][valid_T]
         assert torch.equal(idx[valid_T].sort(-1).values, ref_idx.sort(-1).values)
         torch.testing.assert_close(weight[valid_T], ref_w, atol=ATOL, rtol=ATOL)
 
 
 @torch.no_grad()
-def test_vision_features(model, cases, image_case):
+def test_vision_features(golden_model, golden_cases, image_case):
     case = image_case
-    _, kw = inputs(cases, case)
-    vit_features, image_features = model.encode_images(kw["images"], kw["image_masks"])
-    torch.testing.assert_close(vit_features[0], cases[f"{case}.vit_features"], atol=ATOL, rtol=ATOL)
-    torch.testing.assert_close(image_features[0], cases[f"{case}.image_features"], atol=ATOL, rtol=ATOL)
-    out = model(input_ids=inputs(cases, case)[0], **kw)
+    _, kw = inputs(golden_cases, case)
+    vit_features, image_features = golden_model.encode_images(kw["images"], kw["image_masks"])
+    torch.testing.assert_close(vit_features[0], golden_cases[f"{case}.vit_features"], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(image_features[0], golden_cases[f"{case}.image_features"], atol=ATOL, rtol=ATOL)
+    out = golden_model(input_ids=inputs(golden_cases, case)[0], **kw)
     torch.testing.assert_close(out.image_features, image_features)
 
 
 @torch.no_grad()
-def test_images_matter(model, cases):
-    ids, kw = inputs(cases, "single_image")
-    base = model(ids, **kw).logits
+def test_images_matter(golden_model, golden_cases):
+    ids, kw = inputs(golden_cases, "single_image")
+    base = golden_model(ids, **kw).logits
     constant_images = kw["images"] * 0 + 0.5
-    assert (model(ids, constant_images, kw["image_masks"], kw["image_input_idx"]).logits - base).abs().max() > 0.1
-    assert (model(ids, kw["images"], torch.ones_like(kw["image_masks"]), kw["image_input_idx"]).logits
+    assert (golden_model(ids, constant_images, kw["image_masks"], kw["image_input_idx"]).logits - base).abs().max() > 0.1
+    assert (golden_model(ids, kw["images"], torch.ones_like(kw["image_masks"]), kw["image_input_idx"]).logits
             - base).abs().max() > 0.1
 
 
 @torch.no_grad()
-def test_batch_with_padded_crops(model, cases):
+def test_batch_with_padded_crops(golden_model, golden_cases):
     """Two image prompts in one batch: right-padded ids (-1) and crops padded with -1 (zeroed after the ViT)."""
-    rows = [inputs(cases, c) for c in ("single_image", "single_image_b")]
+    rows = [inputs(golden_cases, c) for c in ("single_image", "single_image_b")]
     S = max(r[0].shape[1] for r in rows)
     N = max(r[1]["images"].shape[1] for r in rows)
     ids = torch.full((2, S), -1, dtype=torch.int64)
@@ -106,13 +95,13 @@ def test_batch_with_padded_crops(model, cases):
         ids[b, : row_ids.shape[1]] = row_ids[0]
         n = kw["images"].shape[1]
         images[b, :n], masks[b, :n], idx[b, :n] = kw["images"][0], kw["image_masks"][0], kw["image_input_idx"][0]
-    out = model(ids, images, masks, idx)  # eval: the ViT skips the padding crop
+    out = golden_model(ids, images, masks, idx)  # eval: the ViT skips the padding crop
     for b, case in enumerate(("single_image", "single_image_b")):
         L = rows[b][0].shape[1]
-        assert (out.logits[b, :L] - cases[f"{case}.logits"]).abs().max() < ATOL
+        assert (out.logits[b, :L] - golden_cases[f"{case}.logits"]).abs().max() < ATOL
     # Training mode (dropout off to compare): static shapes, every crop through the ViT, padding zeroed afterwards.
-    no_dropout = MolmoE(dataclasses.replace(model.config, dropout=DropoutConfig()))
-    no_dropout.load_state_dict(model.state_dict())
+    no_dropout = MolmoE(dataclasses.replace(golden_model.config, dropout=DropoutConfig()))
+    no_dropout.load_state_dict(golden_model.state_dict())
     trained = no_dropout.train()(ids, images, masks, idx)
     torch.testing.assert_close(trained.image_features, out.image_features, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(trained.logits, out.logits, atol=1e-5, rtol=1e-5)
@@ -120,25 +109,25 @@ def test_batch_with_padded_crops(model, cases):
 
 @pytest.mark.gpu
 @torch.no_grad()
-def test_golden_on_cuda(golden_dir, cases):
+def test_golden_on_cuda(golden_dir, golden_cases):
     torch.backends.cuda.matmul.allow_tf32 = False
     model = MolmoE.from_pretrained(golden_dir / "tiny_model", device="cuda")
     for case in ("single_image", "two_images"):
-        ids, kw = inputs(cases, case)
+        ids, kw = inputs(golden_cases, case)
         out = model(ids.cuda(), **{k: v.cuda() for k, v in kw.items()})
-        assert (out.logits.cpu() - cases[f"{case}.logits"]).abs().max() < 1e-3
-    ids, kw = inputs(cases, "single_image")
-    new = cases["generation.new_tokens"]
+        assert (out.logits.cpu() - golden_cases[f"{case}.logits"]).abs().max() < 1e-3
+    ids, kw = inputs(golden_cases, "single_image")
+    new = golden_cases["generation.new_tokens"]
     gen = model.generate(ids.cuda(), **{k: v.cuda() for k, v in kw.items()}, max_new_tokens=len(new))
     assert torch.equal(gen[0, ids.shape[1]:].cpu(), new)
     bf16 = MolmoE.from_pretrained(golden_dir / "tiny_model", dtype=torch.bfloat16, device="cuda")
     logits = bf16(ids.cuda(), **{k: v.cuda() for k, v in kw.items()}).logits.float().cpu()
-    ref = cases["single_image.logits"]
+    ref = golden_cases["single_image.logits"]
     assert torch.isfinite(logits).all() and (logits[0] - ref).abs().mean() < 0.1 * ref.abs().mean()
 
 
 @torch.no_grad()
-def test_subsegments_isolate_packed_conversations(model):
+def test_subsegments_isolate_packed_conversations(golden_model):
     """A shared prefix (highest subsegment id) followed by two conversations: each conversation sees the prefix
     and itself only, exactly as if run alone after the prefix."""
     prefix, conv_a, conv_b = torch.tensor([999, 1000, 1002, 1001]), torch.tensor([5, 6, 7]), torch.tensor([8, 9])
@@ -146,9 +135,9 @@ def test_subsegments_isolate_packed_conversations(model):
     subseg = torch.tensor([10000] * 4 + [0] * 3 + [1] * 2)[None]
     n = len(prefix)
     positions = torch.cat([torch.arange(n + 3), torch.arange(n, n + 2)])[None]
-    out = model(packed, position_ids=positions, subsegment_ids=subseg).logits
-    alone_a = model(torch.cat([prefix, conv_a])[None]).logits
-    alone_b = model(torch.cat([prefix, conv_b])[None]).logits
+    out = golden_model(packed, position_ids=positions, subsegment_ids=subseg).logits
+    alone_a = golden_model(torch.cat([prefix, conv_a])[None]).logits
+    alone_b = golden_model(torch.cat([prefix, conv_b])[None]).logits
     torch.testing.assert_close(out[:, : n + 3], alone_a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:, n + 3:], alone_b[:, n:], atol=1e-5, rtol=1e-5)
-    assert (model(packed, position_ids=positions).logits[:, n + 3:] - alone_b[:, n:]).abs().max() > 1e-3
+    assert (golden_model(packed, position_ids=positions).logits[:, n + 3:] - alone_b[:, n:]).abs().max() > 1e-3
