@@ -30,6 +30,7 @@ from molmo_fast.data.loader import EvalLoader, LoaderConfig
 from molmo_fast.data.preprocessor import Preprocessor
 from molmo_fast.eval.tasks import Task, parse_tasks
 from molmo_fast.model.molmoe import MolmoE
+from molmo_fast.train.data import to_device
 from molmo_fast.train.trainer import loss_positions
 
 log = logging.getLogger(__name__)
@@ -357,8 +358,8 @@ def loss_task(task: Task, model: MolmoE, pre: Preprocessor, cfg: EvalConfig, sha
         real = torch.tensor([not m.get("padding") for m in batch["metadata"]])
         inputs["loss_masks"] = inputs["loss_masks"] * real[:, None]
         # As in training: the LM head runs at the loss positions only, located on the host copy.
-        at = {k: v.to(device) for k, v in loss_positions(inputs).items()}
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        at = to_device(loss_positions(inputs), device)
+        inputs = to_device(inputs, device)
         out = model(inputs["input_ids"], inputs["images"], inputs["image_masks"], inputs["image_input_idx"],
                     position_ids=inputs["position_ids"].clamp_min(0), subsegment_ids=inputs.get("subsegment_ids"),
                     logits_at=at["loss_at"], right_padded=True)
