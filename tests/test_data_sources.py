@@ -18,6 +18,7 @@ from molmo_fast.data.shards import decode_sample, read_info, read_sizes
 from molmo_fast.data.sources.registry import HF_SOURCES, list_sources
 from molmo_fast.data.sources.download import ImageFetcher, url_fetch
 from molmo_fast.data.sources.pixmo import unpack_masks
+from molmo_fast.eval.tasks import get_task
 
 W, H = 40, 20
 
@@ -94,6 +95,12 @@ CASES = {
         [{"image": IMG, "question": "Which?", "options": ["a", "b", "c"], "answer": "2"}],
         lambda ex: ex[0]["options"] == ["a", "b", "c"] and ex[0]["answer_idx"] == 2
         and "abc_label" not in ex[0]["metadata"]),
+    "pixmo_clocks": (
+        [{"image": IMG, "example_id": "zU/003_lggwatchr", "watchface_id": "zU", "watchface_name": "lggwatchr",
+          "watch_time": "003_2020-06-28T08:15:30", "time_format": "Without AM/PM", "shows_seconds": True,
+          "hour_visible": 8, "minute_visible": 15, "second_visible": 30, "text": "8:15:30"}],
+        lambda ex: ex[0]["answers"] == ["8:15:30"] and ex[0]["style"] == "clocks"
+        and ex[0]["question"] == "What time is being shown?" and ex[0]["metadata"]["second_visible"] == 30),
     "a_okvqa": (
         [{"image": IMG, "question_id": "q", "question": "Why?", "choices": ["x", "y"], "correct_choice_idx": 1,
           "direct_answers": "['y', 'y', 'z']", "difficult_direct_answer": False, "rationales": ["r"]}],
@@ -102,7 +109,7 @@ CASES = {
         [{"image": IMG, "question": "Who?", "question_id": 4, "image_id": 1, "question_type": "other",
           "answer_type": "other", "confidence": 3,
           "answers": [{"answer": "cat", "raw_answer": "cats", "answer_confidence": "yes", "answer_id": 1}]}],
-        lambda ex: ex[0]["answers"] == ["cat"] and ex[0]["style"] == "okvqa"),
+        lambda ex: ex[0]["answers"] == ["cats"] and ex[0]["style"] == "okvqa"),
     "science_qa_img": (
         [{"image": IMG, "question": "Which?", "choices": ["a", "b"], "answer": 0, "hint": "Look.", "task": "t",
           "grade": "g", "subject": "s", "topic": "t", "category": "c", "skill": "k", "lecture": "", "solution": ""},
@@ -124,8 +131,9 @@ CASES = {
           "explanation": "", "image_1": IMG, "image_2": IMG, "image_3": None, "image_4": None, "image_5": None,
           "image_6": None, "image_7": None, "img_type": "[]", "topic_difficulty": "Hard",
           "question_type": "open", "subfield": "Art"}],
-        lambda ex: len(ex) == 1 and ex[0]["options"] == ["p", "q", "r"] and ex[0]["answer_idx"] == 2
-        and ex[0]["question"] == "In the image, which?"),
+        lambda ex: len(ex) == 2 and ex[0]["options"] == ["p", "q", "r"] and ex[0]["answer_idx"] == 2
+        and ex[0]["question"] == "In the image, which?"
+        and ex[1]["question"] == "Compare <image 1> and <image 2>." and ex[1]["metadata"]["images"] == 2),
     "math_vista": (
         [{"pid": "1", "question": "Value?", "image": "images/1.jpg", "decoded_image": IMG, "choices": None,
           "unit": None, "precision": None, "answer": "5", "question_type": "free_form", "answer_type": "integer",
@@ -148,6 +156,7 @@ for _t in ("tables", "diagrams", "other"):
                                 lambda ex, t=_t: ex[0]["style"] == f"pixmo_docs_{t}"
                                 and len(ex[0]["message_list"]) == 2)
 
+CASES["ai2d_masked"] = (CASES["ai2d"][0], CASES["ai2d"][1])
 CASES["pixmo_points_counting"] = (CASES["pixmo_points"][0],
                                   lambda ex: ex[0]["style"] == "point_count" and ex[0]["points"] == [[20.0, 5.0]]
                                   and ex[0]["count"] == 1)
@@ -289,18 +298,31 @@ def test_ai2d_keeps_the_box_flags_of_molmos_layout(tmp_path):
     assert ex["metadata"]["abc_label"] is True and ex["metadata"]["has_transparent_box"] is False
 
 
-def test_mmmu_rows_without_one_valid_option_letter_are_skipped_not_mislabelled(tmp_path):
+def test_mmmu_keeps_multi_letter_answers_and_skips_rows_without_a_valid_letter(tmp_path):
     base = CASES["mmmu"][0][0]
-    rows = [{**base, "id": f"validation_Art_{k}", "answer": a} for k, a in enumerate(["B", "", "D", "['A', 'B']"])]
+    rows = [{**base, "id": f"validation_Art_{k}", "answer": a} for k, a in enumerate(["B", "", "D", "['A', 'C']"])]
     summary = build.build_hf(HF_SOURCES["mmmu"], tmp_path / "out", split="validation", dataset=_dataset(rows),
                              progress=False)
+    single, multi = _read(tmp_path / "out")
+    assert single["metadata"]["id"] == "validation_Art_0" and single["answer_idx"] == 1
+    assert summary["rows_lost"] == {"skipped by the converter": 2}
+    # several correct letters: options laid out in the question, any of the letters scores
+    assert multi["answers"] == ["A", "C"] and multi["question"] == "In the image, which?\nA: p\nB: q\nC: r\n"
+    task = get_task("mmmu")
+    assert [task.score(p, multi)["mmmu_score"] for p in ("A", "C", "B")] == [1.0, 1.0, 0.0]
+
+
+def test_mmmu_question_with_image_options_is_asked_without_an_image(tmp_path):
+    row = {**CASES["mmmu"][0][0], "options": "[\"<img='a.png'>\", \"<img='b.png'>\"]", "answer": "B",
+           "image_2": IMG}
+    build.build_hf(HF_SOURCES["mmmu"], tmp_path / "out", split="validation", dataset=_dataset([row]), progress=False)
     (ex,) = _read(tmp_path / "out")
-    assert ex["metadata"]["id"] == "validation_Art_0" and ex["answer_idx"] == 1
-    assert summary["rows_lost"] == {"skipped by the converter": 3}
+    assert ex["image"] is None and ex["image_size"] is None and ex["answer_idx"] == 1
 
 
 def test_a_malformed_row_fails_with_the_row_named(tmp_path):
-    rows = [dict(r) for r in CASES["a_okvqa"][0]]
-    rows.append({**rows[0], "correct_choice_idx": None})  # as in A-OKVQA's test split, which has no answers
-    with pytest.raises(ValueError, match=r"'a_okvqa', split 'test', row 1: .*correct_choice_idx"):
-        build.build_hf(HF_SOURCES["a_okvqa"], tmp_path / "out", split="test", dataset=_dataset(rows), progress=False)
+    rows = [dict(r) for r in CASES["pixmo_cap_qa"][0]]
+    rows.append({**rows[0], "messages": [], "question": "[ASSISTANT] a [USER] q"})  # turns in the wrong order
+    with pytest.raises(ValueError, match=r"'pixmo_cap_qa', split 'train', row 1: .*must alternate"):
+        build.build_hf(HF_SOURCES["pixmo_cap_qa"], tmp_path / "out", split="train", dataset=_dataset(rows),
+                       fetch=lambda url, timeout: JPEG, cache_dir=tmp_path / "cache", progress=False)

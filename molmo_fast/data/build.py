@@ -78,6 +78,21 @@ def build(name: str, out_dir: str | Path, split: str | None = None, input_path: 
                     progress=progress, retry_failed=retry_failed)
 
 
+def describe_source(name: str) -> str:
+    """One `--list` line: hub repo, config, splits (default starred) and what a build needs besides the hub."""
+    src = HF_SOURCES.get(name)
+    if src is None:
+        return f"{name:28s} synthetic (no network)"
+    configs = "" if src.configs == (None,) else f" [{src.configs[0]}{', ...' if len(src.configs) > 1 else ''}]"
+    splits = ", ".join(s + ("*" if s == src.default_split else "") for s in src.splits)
+    notes = ["needs --input" if src.needs_input else "hub or --input"]
+    if src.refused:
+        notes.append("refuses " + ", ".join(split for split, _ in src.refused))
+    if src.holdout:
+        notes.append(f"holds out {src.holdout[0]}")
+    return f"{name:28s} {src.hub_id + configs:42s} splits: {splits:28s} {'; '.join(notes)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m molmo_fast.data.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", action="store_true", help="print the available sources and exit")
@@ -95,11 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.list:
+        print(f"{'source':28s} {'hub repo [config]':42s} splits (* = default)")
         for name in list_sources():
-            src = HF_SOURCES.get(name)
-            where = f"{src.hub_id}{'' if src.configs == (None,) else ' ' + ','.join(src.configs[:2])}" if src \
-                else "synthetic (no network)"
-            print(f"{name:28s} {where}")
+            print(describe_source(name))
         return 0
     if not args.source or not args.out:
         parser.error("--source and --out are required (or --list)")

@@ -11,6 +11,7 @@ import ast
 import itertools
 import os
 import re
+import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class HFSource:
     name: str
     hub_id: str
     convert: Convert
+    splits: tuple[str, ...] = ("train",)  # the hub's split names, as its dataset card lists them
     default_split: str = "train"
     configs: tuple[str | None, ...] = (None,)  # several = concatenated (MMMU subjects, PixMo-Docs is one each)
     image_column: str | None = "image"  # a datasets Image column (or a list of them: the first is used)
@@ -38,38 +40,98 @@ class HFSource:
     sha_column: str | None = None
     verify_ssl: bool = True
     description: str = ""
+    needs_input: str = ""  # why the hub copy cannot be read as it is (then --input is required)
+    refused: tuple[tuple[str, str], ...] = ()  # (split, why): splits whose rows this converter would mislabel
+    holdout: tuple[str, str] | None = None  # (hub id, split) whose image URLs are dropped from every split
 
     def __post_init__(self) -> None:
         if (self.image_column is None) == (self.url_column is None):
             raise ValueError(f"HFSource {self.name!r}: set exactly one of image_column and url_column")
+        if self.default_split not in self.splits:
+            raise ValueError(f"HFSource {self.name!r}: default split {self.default_split!r} not in {self.splits}")
+
+    def check_split(self, split: str, from_hub: bool) -> None:
+        """Refuse a split this converter would mislabel, and (on the hub) one the dataset does not have."""
+        why = dict(self.refused).get(split)
+        if why:
+            raise ValueError(f"source {self.name!r} refuses split {split!r}: {why}")
+        if from_hub and split not in self.splits:
+            raise ValueError(f"source {self.name!r}: {self.hub_id} has no split {split!r}; its splits are "
+                             f"{', '.join(self.splits)}")
 
 
 def load_rows(source: HFSource, split: str, input_path: str | None = None) -> datasets.Dataset:
-    """The source's rows, from the hub or (offline) a `save_to_disk` directory, a parquet file or a parquet folder."""
+    """The source's rows, from the hub or (offline) a `save_to_disk` directory, a parquet file or a parquet folder.
+
+    A source with a `holdout` drops the rows whose image is in that set: read from a folder named after its repo
+    inside the --input folder (e.g. `pixmo-points-eval/`) when there is one, else from the hub.
+    """
     import datasets
 
+    source.check_split(split, from_hub=input_path is None)
     if input_path is None:
+        if source.needs_input:
+            raise ValueError(f"source {source.name!r} needs --input: {source.needs_input}")
         parts = [datasets.load_dataset(source.hub_id, config, split=split) for config in source.configs]
         ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     else:
-        path = Path(input_path)
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-            ds = datasets.load_from_disk(str(path))
-        elif (path / "dataset_dict.json").is_file():
-            ds = datasets.load_from_disk(str(path))[split]
-        elif path.is_dir():
-            # the split as a whole word of the file's path: "test" must not also take "testmini-*.parquet"
-            in_split = re.compile(rf"(^|[^a-zA-Z0-9]){re.escape(split)}([^a-zA-Z0-9]|$)")
-            files = sorted(str(p) for p in path.rglob("*.parquet") if in_split.search(p.relative_to(path).as_posix())) \
-                or sorted(str(p) for p in path.rglob("*.parquet"))
-            if not files:
-                raise FileNotFoundError(f"{path}: no saved dataset and no .parquet files")
-            ds = datasets.load_dataset("parquet", data_files=files, split="train")
-        elif path.suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=[str(path)], split="train")
-        else:
-            raise FileNotFoundError(f"--input {path}: expected a save_to_disk directory, a .parquet file or a folder")
+        skip = _holdout_dir(source, input_path)
+        ds = _load_local(Path(input_path), split, exclude=skip)
+    if source.holdout is not None:
+        n = len(ds)
+        ds = drop_held_out(source, ds, _holdout_urls(source, input_path))
+        print(f"{source.name}: held out {n - len(ds)} of {n} rows (images of {source.holdout[0]})", file=sys.stderr)
     return with_raw_images(ds)
+
+
+def _load_local(path: Path, split: str, exclude: Path | None = None) -> datasets.Dataset:
+    import datasets
+
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        return datasets.load_from_disk(str(path))
+    if (path / "dataset_dict.json").is_file():
+        saved = datasets.load_from_disk(str(path))
+        if split not in saved:
+            raise ValueError(f"--input {path} has no split {split!r}; its splits are {', '.join(saved)}")
+        return saved[split]
+    if path.is_dir():
+        found = [p for p in path.rglob("*.parquet") if exclude is None or exclude not in p.parents]
+        # the split as a whole word of the file's path: "test" must not also take "testmini-*.parquet"
+        in_split = re.compile(rf"(^|[^a-zA-Z0-9]){re.escape(split)}([^a-zA-Z0-9]|$)")
+        files = sorted(str(p) for p in found if in_split.search(p.relative_to(path).as_posix())) \
+            or sorted(str(p) for p in found)
+        if not files:
+            raise FileNotFoundError(f"{path}: no saved dataset and no .parquet files")
+        return datasets.load_dataset("parquet", data_files=files, split="train")
+    if path.suffix == ".parquet":
+        return datasets.load_dataset("parquet", data_files=[str(path)], split="train")
+    raise FileNotFoundError(f"--input {path}: expected a save_to_disk directory, a .parquet file or a folder")
+
+
+def _holdout_dir(source: HFSource, input_path: str | None) -> Path | None:
+    if source.holdout is None or input_path is None:
+        return None
+    local = Path(input_path) / source.holdout[0].rsplit("/", 1)[-1]
+    return local if local.is_dir() else None
+
+
+def _holdout_urls(source: HFSource, input_path: str | None) -> set[str]:
+    import datasets
+
+    hub_id, split = source.holdout
+    local = _holdout_dir(source, input_path)
+    try:
+        held = _load_local(local, split) if local else datasets.load_dataset(hub_id, split=split)
+    except Exception as exn:
+        raise RuntimeError(f"source {source.name!r} holds out the images of {hub_id} ({split}), as Molmo does, and "
+                           f"could not read them ({type(exn).__name__}: {exn}); offline, put that dataset's parquet "
+                           f"files in a {hub_id.rsplit('/', 1)[-1]}/ folder inside --input") from exn
+    return set(held[source.url_column])
+
+
+def drop_held_out(source: HFSource, rows: datasets.Dataset, urls: set[str]) -> datasets.Dataset:
+    """Rows whose image URL is not in `urls` (Molmo keeps the pixmo-points-eval images out of pixmo-points)."""
+    return rows.filter(lambda batch: [u not in urls for u in batch], batched=True, input_columns=[source.url_column])
 
 
 def with_raw_images(ds: datasets.Dataset) -> datasets.Dataset:
@@ -155,6 +217,7 @@ def iter_records(
 ) -> Iterator[Record]:
     """Rows -> records, in row order; rows whose image is lost or unreadable are dropped and counted in `lost`."""
     lost = {} if lost is None else lost
+    source.check_split(split, from_hub=False)
     if source.url_column is not None and fetcher is None:
         raise ValueError(f"source {source.name!r} downloads images from URLs and needs an ImageFetcher")
 
@@ -188,5 +251,6 @@ def iter_records(
         for k, fields in enumerate(converted):
             key = f"{source.name}_{split}_{i:09d}" + (f"_{k}" if k else "")
             metadata = {"dataset": source.name, "split": split, "row": i, **fields.pop("metadata", {})}
+            text_only = fields.pop("text_only", False)  # the row's image is not part of the question (MMMU)
             example = {"id": key, "schema_version": SCHEMA_VERSION, **fields, "metadata": metadata}
-            yield Record(example, data)
+            yield Record(example, None if text_only else data)

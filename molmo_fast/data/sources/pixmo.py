@@ -29,8 +29,31 @@ def pixmo_cap(row, size):
              "metadata": {"image_url": row["image_url"], "transcripts": as_list(row.get("transcripts"))}}]
 
 
+_TURN_TAG = re.compile(r"\[(USER|ASSISTANT)\]")
+
+
+def tagged_turns(question: str, answer: str) -> list[str]:
+    """PixMo-CapQA's `question` holds the conversation so far as "[USER] q [ASSISTANT] a [USER] q ... [ASSISTANT]"
+    and `answer` the last reply: -> [user, assistant, ...]. An untagged question is one user turn."""
+    parts = _TURN_TAG.split(question)
+    if len(parts) == 1:
+        return [question.strip(), answer]
+    if parts[0].strip():
+        raise ValueError(f"text before the first [USER] tag: {parts[0][:60]!r}")
+    turns = []
+    for k, (role, text) in enumerate(zip(parts[1::2], parts[2::2])):
+        if role != ("USER" if k % 2 == 0 else "ASSISTANT"):
+            raise ValueError(f"turn {k} is tagged [{role}]; turns must alternate [USER] / [ASSISTANT]")
+        turns.append(text.strip())
+    if len(turns) % 2 == 1:
+        return turns + [answer]
+    if turns[-1]:
+        raise ValueError("the question already ends with an [ASSISTANT] reply; nowhere to put `answer`")
+    return turns[:-1] + [answer]
+
+
 def pixmo_cap_qa(row, size):
-    messages = as_list(row.get("messages")) or [row["question"], row["answer"]]
+    messages = as_list(row.get("messages")) or tagged_turns(row["question"], row["answer"])
     return [{"style": "synthetic_qa", "messages": [str(m) for m in messages],
              "metadata": {"image_url": row["image_url"]}}]
 
@@ -101,6 +124,17 @@ def pixmo_point_explanations(row, size):
              "metadata": {"image_url": row["image_url"]}}]
 
 
+CLOCK_QUESTION = "What time is being shown?"  # Molmo's clock prompt (ClockBench)
+CLOCK_FIELDS = ("example_id", "watchface_name", "time_format", "shows_seconds", "hour_visible", "minute_visible",
+                "second_visible")
+
+
+def pixmo_clocks(row, size):
+    # `text` is the time as the watch face shows it ("8:15:30", "7:57:39 AM"); -1 marks a hand that is not drawn
+    return [{"style": "clocks", "question": CLOCK_QUESTION, "answers": [row["text"]],
+             "metadata": {k: row[k] for k in CLOCK_FIELDS if k in row}}]
+
+
 def pixmo_docs(doc_type: str):
     def convert(row, size):
         qas = row["questions"]
@@ -118,22 +152,34 @@ def _url(name, hub_id, convert, sha=True, **kw):
                     sha_column="image_sha256" if sha else None, **kw)
 
 
+POINTS_EVAL = ("allenai/pixmo-points-eval", "test")  # Molmo keeps these images out of pixmo-points training
+COUNT_SPLITS = ("train", "validation", "test")
+NO_EVAL_POINTS = ("allenai/pixmo-count has no points for its validation and test rows (only the count), so every "
+                  "pointing target would be 'There are none.'; use pixmo_count (counting) on those splits")
+CLOCKS_INPUT = ("allenai/pixmo-clocks holds the watch-face metadata only; its images are rendered from facer.io "
+                "watch faces, which are not public: pass --input with these columns plus an `image` column of the "
+                "renders")
+
 SOURCES = [
     _url("pixmo_cap", "allenai/pixmo-cap", pixmo_cap, sha=False, description="dense captions (pretraining)"),
     _url("pixmo_cap_qa", "allenai/pixmo-cap-qa", pixmo_cap_qa, sha=False, description="synthetic QA from captions"),
     _url("pixmo_ask_model_anything", "allenai/pixmo-ask-model-anything", pixmo_ask_model_anything,
          description="human-authored image QA"),
-    _url("pixmo_points", "allenai/pixmo-points", points("pointing", percent=True), description="pointing"),
-    _url("pixmo_points_counting", "allenai/pixmo-points", points("point_count", percent=True),
+    _url("pixmo_points", "allenai/pixmo-points", points("pointing", percent=True), holdout=POINTS_EVAL,
+         description="pointing"),
+    _url("pixmo_points_counting", "allenai/pixmo-points", points("point_count", percent=True), holdout=POINTS_EVAL,
          description="the same rows as counting (point_count)"),
     _url("pixmo_point_explanations", "allenai/pixmo-point-explanations", pixmo_point_explanations,
          description="answers with inline points"),
     _url("pixmo_count", "allenai/pixmo-count", points("point_count", percent=False), sha=False, verify_ssl=False,
-         description="counting with points (train/validation/test)"),
+         splits=COUNT_SPLITS, description="counting (validation/test: the count only)"),
     _url("pixmo_count_pointing", "allenai/pixmo-count", points("pointing", percent=False), sha=False,
-         verify_ssl=False, description="the same rows as pointing"),
-    _url("pixmo_points_eval", "allenai/pixmo-points-eval", pixmo_points_eval, default_split="test",
-         description="pointing eval with masks"),
-    *[HFSource(f"pixmo_docs_{t}", "allenai/pixmo-docs", pixmo_docs(t), configs=(t,),
+         verify_ssl=False, splits=COUNT_SPLITS, refused=(("validation", NO_EVAL_POINTS), ("test", NO_EVAL_POINTS)),
+         description="the same rows as pointing (train only)"),
+    _url("pixmo_points_eval", "allenai/pixmo-points-eval", pixmo_points_eval, splits=("test",),
+         default_split="test", description="pointing eval with masks"),
+    HFSource("pixmo_clocks", "allenai/pixmo-clocks", pixmo_clocks, splits=("train", "validation"),
+             needs_input=CLOCKS_INPUT, description="watch faces and their time"),
+    *[HFSource(f"pixmo_docs_{t}", "allenai/pixmo-docs", pixmo_docs(t), configs=(t,), splits=("train", "validation"),
                description=f"synthetic {t} documents, multi-QA") for t in ("charts", "tables", "diagrams", "other")],
 ]
