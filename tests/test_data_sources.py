@@ -15,9 +15,9 @@ from PIL import Image
 
 from molmo_fast.data import build
 from molmo_fast.data.shards import decode_sample, read_info, read_sizes
-from molmo_fast.data.sources.registry import HF_SOURCES, list_sources
 from molmo_fast.data.sources.download import ImageFetcher, url_fetch
 from molmo_fast.data.sources.pixmo import unpack_masks
+from molmo_fast.data.sources.registry import HF_SOURCES, list_sources
 from molmo_fast.eval.tasks import get_task
 
 W, H = 40, 20
