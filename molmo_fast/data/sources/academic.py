@@ -3,7 +3,8 @@
 Styles follow Molmo (`vqa2`, `text_vqa`, `chart_qa`, `doc_qa`, `info_qa`, `a_okvqa_mc`, `science_qa`, ...) so the
 formatter's style prefixes match what MolmoE-1B was fine-tuned with. TallyQA, TabMWP, FigureQA, PlotQA and DVQA
 are read from their HuggingFaceM4/the_cauldron configs (images + user/assistant `texts`), the one public HF copy of
-all five with a common schema.
+all five with a common schema. Datasets whose hub repo is a loading script (refused by datasets >= 4) are read
+from parquet copies with the same columns (lmms-lab's VQAv2 and textvqa), or need --input (OK-VQA).
 """
 
 from __future__ import annotations

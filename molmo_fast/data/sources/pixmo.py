@@ -3,6 +3,7 @@
 Points: pixmo-points and pixmo-points-eval store percent coordinates (Molmo reads them with point_scale=100), so
 they are converted to pixels of the original image here; pixmo-count stores pixels. Shards always hold pixels.
 One HF row becomes one example (rows are not grouped per image, so a shard never depends on row order).
+pixmo-points drops the images of pixmo-points-eval, as Molmo does; pixmo-clocks has no images on the hub (--input).
 """
 
 from __future__ import annotations
