@@ -320,3 +320,14 @@ def test_datasets_lower_bound_has_the_api_the_converters_use(tmp_path):
                                     features=Features({"images": List(Image()), "image": Image()}))
     row = with_raw_images(ds)[0]
     assert row["images"][1]["bytes"] == JPEG and row["image"]["bytes"] == JPEG
+
+
+def test_list_shows_repo_config_splits_and_input_needs(capsys):
+    assert build.main(["--list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(HF_SOURCES) <= set(lines)
+    assert re.search(r"HuggingFaceM4/ChartQA .*splits: train, val, test\* .*hub or --input", lines["chart_qa"])
+    assert re.search(r"lmms-lab/DocVQA \[InfographicVQA\] .*splits: validation\*, test", lines["info_vqa"])
+    assert "needs --input" in lines["ok_vqa"] and "needs --input" in lines["pixmo_clocks"]
+    assert "refuses validation, test" in lines["pixmo_count_pointing"]
+    assert "holds out allenai/pixmo-points-eval" in lines["pixmo_points"]
