@@ -13,6 +13,8 @@ from typing import Any
 import gin
 
 from molmo_fast import kernels
+from molmo_fast.eval.config import EvalConfig
+from molmo_fast.eval.tasks import parse_tasks
 from molmo_fast.runtime.gin_files import parse_gin
 
 # The optimizer's parameter groups (molmo_fast/train/optim.py), keys of OptimConfig.lr / warmup.
@@ -218,6 +220,16 @@ class TrainConfig:
     export_hf_at_end: bool = True
     progress_bar: bool = True
     peak_flops: float | None = None  # per device; None = looked up from the device name
+    # In-loop validation (molmo_fast/train/validation.py): every `eval_every` steps (0 = never) and at the last
+    # step, the eval tasks `eval_tasks` (names as for `python -m molmo_fast.eval --tasks`) on the first
+    # `eval_max_examples` examples each (None = all), shard sets under `eval_data_dir`; `eval_loss` reports
+    # teacher-forced loss and token accuracy instead of generating.
+    eval_every: int = 0
+    eval_tasks: str = ""
+    eval_max_examples: int | None = 64
+    eval_batch_size: int = 8
+    eval_loss: bool = False
+    eval_data_dir: str = "data"
 
     def __post_init__(self):
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every",
@@ -226,6 +238,19 @@ class TrainConfig:
             _require(isinstance(value, int) and value > 0, "TrainConfig", name, value, "a positive int")
         for name in ("lm_zloss_weight", "moe_lb_weight", "moe_zloss_weight"):
             _require(getattr(self, name) >= 0, "TrainConfig", name, getattr(self, name), ">= 0")
+        _require(isinstance(self.eval_every, int) and self.eval_every >= 0, "TrainConfig", "eval_every",
+                 self.eval_every, "an int >= 0 (0 = no in-loop validation)")
+        if self.eval_every:
+            try:  # the validation's settings, checked now rather than at its first step
+                EvalConfig(checkpoint=self.run_dir, tasks=self.eval_tasks, data_dir=self.eval_data_dir,
+                           max_examples=self.eval_max_examples, batch_size=self.eval_batch_size, loss=self.eval_loss)
+            except ValueError as e:
+                raise ValueError(f"TrainConfig.eval_* (in-loop validation): {e}") from None
+            for task in parse_tasks(self.eval_tasks):
+                shards = Path(self.eval_data_dir) / task.source / task.split
+                _require(task.synthetic_size > 0 or (shards / "sizes.json").is_file(), "TrainConfig", "eval_tasks",
+                         task.name, f"a built shard set at {shards} (python -m molmo_fast.data.build --source "
+                         f"{task.source} --split {task.split} --out {shards}), or TrainConfig.eval_data_dir")
 
     def grad_accum_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
