@@ -11,7 +11,7 @@ from molmo_fast.eval.tasks import (BY_QUESTION_TYPE, HIGH_RES_MAX_CROPS, PAPER_T
 def test_paper_suite_matches_the_published_average():
     assert len(PAPER_TASKS) == 11
     scores = [TASKS[name].paper_score for name in PAPER_TASKS]
-    assert round(sum(scores) / len(scores), 1) == 68.6  # MolmoE-1B's 11-benchmark average (REFERENCE.md §5)
+    assert round(sum(scores) / len(scores), 1) == 68.6  # MolmoE-1B's published 11-benchmark average
 
 
 def test_generation_lengths_and_resolution_follow_molmo():
