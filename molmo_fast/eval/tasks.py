@@ -6,8 +6,9 @@ average (e.g. AI2D's opaque-box questions under the transparent-box setting). Th
 number reported in the summary table and compared with `paper_score` (the MolmoE-1B score published in the Molmo paper).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from molmo_fast.eval import metrics as M
 
