@@ -68,3 +68,17 @@ def test_run_dirs_and_exports_carry_the_release_auto_map_and_generation_config(t
     assert (gen["eos_token_id"], gen["pad_token_id"]) == (release_gen["eos_token_id"], release_gen["pad_token_id"])
     model = MolmoE.from_pretrained(out)
     assert model.generation_config == gen and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_generate_accepts_a_run_dir_like_eval(tmp_path, capsys):
+    from molmo_fast import generate
+
+    run_dir = _run_dir(tmp_path)
+    args = ["--prompt", "What is this?", "--max_new_tokens", "3", "--device", "cpu"]
+    from_run = generate.main(["--checkpoint", str(run_dir), *args])
+    exported = run_dir / "checkpoints" / "step_3" / "hf"  # exported once, where eval puts it
+    assert (exported / "config.json").is_file()
+    assert generate.main(["--checkpoint", str(exported), *args]) == from_run
+    with pytest.raises(FileNotFoundError, match="step 7"):
+        generate.main(["--checkpoint", str(run_dir), "--step", "7", *args])

@@ -45,6 +45,13 @@ def git_revision() -> str:
         return "unknown"
 
 
+def resume_target(cfg: Config, resume: str | None) -> Path | None:
+    """The checkpoint directory `--resume` names: "latest" (the run dir's newest complete checkpoint) or a path."""
+    if not resume:
+        return None
+    return find_checkpoint(cfg.train.run_dir) if resume == "latest" else Path(resume)
+
+
 def prepare_run_dir(cfg: Config, env: Env, resuming: bool) -> Path:
     """Never overwrites a run: an existing non-empty run dir is an error unless resuming.
 
@@ -219,9 +226,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     """Runs (or resumes) a training job; returns the final step's metrics. `resume`: "latest" or a checkpoint dir."""
     env = init_distributed(always_group=True)
     torch.manual_seed(cfg.train.seed)
-    resume_path = None
-    if resume:
-        resume_path = find_checkpoint(cfg.train.run_dir) if resume == "latest" else Path(resume)
+    resume_path = resume_target(cfg, resume)
     run_dir = prepare_run_dir(cfg, env, resuming=resume is not None)
     grad_accum = cfg.train.grad_accum_steps(env.world_size)
 
@@ -278,4 +283,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     if cfg.train.export_hf_at_end and start_step < cfg.train.max_steps:
         export_sharded_model(model, run_dir, run_dir / "hf", env.is_main)
         dist.barrier()
+    if env.is_main:
+        print(f"molmo_fast.train: wrote {run_dir}/ (metrics.jsonl, tb/, checkpoints/"
+              f"{', eval/' if cfg.train.eval_every else ''}{', hf/' if cfg.train.export_hf_at_end else ''})",
+              flush=True)
     return metrics
