@@ -37,10 +37,11 @@ if INTERPRET:  # tiny tiles: the interpreter's cost is per element; 2 PART_CHUNK
     GEMM_CANDIDATES = [(32, 16, 4, 1)]
     WGRAD_CANDIDATES = [(16, 16, 16, 4, 1)]
 else:
-    # In order of preference for large batches; (256, 64) only fits the single-accumulator epilogues;
-    # (64, 32) is the fp32 fallback for the two-accumulator gate|up GEMM at 128-row tiles.
-    GEMM_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3),
-                       (64, 32, 4, 4)]
+    # (BLOCK_N, BLOCK_K, num_warps, num_stages) in order of preference for large batches; (256, 64) only
+    # suits the single-accumulator epilogues; (64, 32) is the fp32 fallback of the gate|up GEMM at
+    # 128-row tiles (two accumulators, three operand tiles per stage).
+    GEMM_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (64, 64, 8, 4), (64, 128, 8, 3),
+                       (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 8, 3)]
     WGRAD_CANDIDATES = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 3)]
 
 
@@ -141,9 +142,13 @@ def choose(launch: str, dtype: torch.dtype, block_m: int, T: int, device: torch.
     return rule(launch, torch.empty(0, dtype=dtype).element_size(), block_m, T)
 
 
-def num_programs(device: torch.device, shared: int) -> int:
-    """Persistent grid size: every SM's share of co-resident CTAs (by shared memory, at most 4)."""
+def sm_count(device: torch.device) -> int:
     if device.type != "cuda" or INTERPRET:
-        return 4  # the interpreter runs programs one after another: a few exercise the persistent loop
-    per_sm = max(1, min(4, SHARED_LIMIT // max(shared, 1)))
-    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+        return 1  # the interpreter runs programs one after another: a few of them exercise the persistent loop
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_programs(device: torch.device, shared: int) -> int:
+    """Persistent grid size: every SM's share of co-resident CTAs (by shared memory, at most 4); fixed by the
+    device and the config, so it never grows with T * K_max (idle programs read the tile count and exit)."""
+    return sm_count(device) * max(1, min(4, SHARED_LIMIT // max(shared, 1)))

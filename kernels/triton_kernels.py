@@ -108,9 +108,10 @@ def grouped_gemm_kernel(
                 tl.store(aux_ptrs + N, up.to(aux_ptr.dtype.element_ty), mask=mask)
         else:
             gate = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(aux_ptrs + N, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(gate)
-            act = (gate * sig * up).to(c_ptr.dtype.element_ty).to(tl.float32)  # rounded as the forward stored it
+            silu = gate * sig  # gate itself is dead from here: d_gate = d_a * up * (sig + silu * (1 - sig))
+            up = tl.load(aux_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+            act = (silu * up).to(c_ptr.dtype.element_ty).to(tl.float32)  # rounded as the forward stored it
             part = tl.sum(tl.reshape(act * acc, (BLOCK_M, BLOCK_N // PART_CHUNK, PART_CHUNK)), axis=2)
             num_parts = tl.cdiv(N, PART_CHUNK)
             cols = pid_n * (BLOCK_N // PART_CHUNK) + tl.arange(0, BLOCK_N // PART_CHUNK)
@@ -120,9 +121,9 @@ def grouped_gemm_kernel(
             act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * stride_actm + offs_n[None, :]
             tl.store(act_ptrs, (weight * act).to(act_ptr.dtype.element_ty), mask=mask)
             acc *= weight
-            d_gate = acc * up * sig * (1.0 + gate * (1.0 - sig))
+            tl.store(c_ptrs + N * stride_cn, (acc * silu).to(c_ptr.dtype.element_ty), mask=mask)
+            d_gate = acc * up * (sig + silu * (1.0 - sig))
             tl.store(c_ptrs, d_gate.to(c_ptr.dtype.element_ty), mask=mask)
-            tl.store(c_ptrs + N * stride_cn, (acc * gate * sig).to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

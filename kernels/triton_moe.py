@@ -29,6 +29,9 @@ GEMM_LAUNCHES = {
     "dx": (tk.PLAIN, tk.SORTED, tk.PAIR),
 }
 
+assert set(GEMM_LAUNCHES) == set(configs.GEMM_LAUNCHES)
+assert all(c["BLOCK_N"] % tk.PART_CHUNK == 0 for n in GEMM_LAUNCHES for c in configs.candidates(n)), "PART_CHUNK"
+
 
 def _gemm(launch, a, b, c, tiles, *, T, pair, n, kred, k_slots, b_strides, b_half=0, aux=None, act=None,
           store_aux=False, block_m=16, scale=None, part=None):
