@@ -20,9 +20,6 @@ import tempfile
 import time
 import types
 
-if __name__ == "__main__":
-    os.environ.pop("TRITON_INTERPRET", None)  # compiling for a GPU target needs Triton out of interpreter mode
-
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -141,8 +138,8 @@ def analyse(compiled) -> dict:
             "mma": mma_kind(ttgir), "async_wait": wait, "buffers": buffers, "pipelined": wait >= 1}
 
 
-def report(Ts, ks, dtypes, all_configs=True, log=print) -> list[dict]:
-    """One row per distinct compile; `all_configs=False` compiles only the configs the cases choose."""
+def report(Ts, ks, dtypes, which="all", log=print) -> list[dict]:
+    """One row per distinct compile of the `which` ("all", "selectable" or "chosen") candidate configs."""
     rows, index = [], {}
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
@@ -154,8 +151,10 @@ def report(Ts, ks, dtypes, all_configs=True, log=print) -> list[dict]:
                     block_m = launch["kwargs"].get("BLOCK_M", 0) if name in triton_moe.GEMM_LAUNCHES else 0
                     tunable = name in configs.GEMM_LAUNCHES + configs.WGRAD_LAUNCHES
                     chosen = {k: launch["kwargs"][k] for k in configs.candidates(name)[0]} if tunable else None
-                    options = configs.candidates(name) if tunable and all_configs else [chosen]
+                    options = configs.candidates(name) if tunable and which != "chosen" else [chosen]
                     for config in options:
+                        if which == "selectable" and not configs.selectable(name, config, elt, block_m):
+                            continue
                         key = (name, dtype_name, block_m, json.dumps(config, sort_keys=True))
                         if key not in index:
                             start = time.perf_counter()
@@ -195,13 +194,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--T", type=int, nargs="+", default=[1, 512, 4096, 32768], help="token counts")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 8], help="K (routing slots) values")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="dtypes")
-    parser.add_argument("--chosen-only", action="store_true", help="compile only the configs the cases choose")
+    parser.add_argument("--configs", default="all", choices=["all", "selectable", "chosen"],
+                        help="compile every candidate config, the selectable ones, or those the cases choose")
     parser.add_argument("--out", default="bench/kernels_sm90.json", help="JSON path: one object per row")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        parser.error("TRITON_INTERPRET=1 is set: unset it, sm_90 compiles need Triton's compiler")
+        parser.error("TRITON_INTERPRET=1 is set: unset it, sm_90 compiles need Triton's compiler, not its interpreter")
     print(HEADER, flush=True)
-    rows = report(args.T, args.k, args.dtypes, all_configs=not args.chosen_only,
+    rows = report(args.T, args.k, args.dtypes, which=args.configs,
                   log=lambda line: print(line, flush=True))
     for row in rows:
         row["cases"] = sorted(set(row["cases"]))

@@ -2,6 +2,7 @@
 
     python bench/moe_kernels.py [--quick] [--out bench/moe_kernels.json]
     python bench/moe_kernels.py --device cpu --tiny      # seconds-long smoke run of the script itself
+    python bench/moe_kernels.py --tune --out FILE.json   # opt-in: tune the Triton launch configs (bench/moe_tune.py)
 
 molmo_fast paths get expert_idx [T, K_max = max k] with the first k slots active (runtime top-k, one
 shape for every k; --exact-k gives them [T, k]); transformers' OlmoeExperts gets exactly [T, k].
@@ -238,6 +239,25 @@ def _fmt(r: dict) -> str:
     )
 
 
+def _tune(args, parser) -> dict:
+    import importlib.util
+    from pathlib import Path
+
+    if args.device != "cuda" or not torch.cuda.is_available():
+        parser.error("--tune times Triton kernels: it needs a CUDA device")
+    spec = importlib.util.spec_from_file_location("moe_tune", Path(__file__).with_name("moe_tune.py"))
+    moe_tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(moe_tune)
+    from molmo_fast.kernels import configs
+
+    table = moe_tune.tune(_timer("cuda", quick=True), make_routing, getattr(torch, args.dtype),
+                          args.T or list(configs.TOKEN_BUCKETS), max(args.k or [8]))
+    moe_tune.write(args.out, torch.cuda.get_device_name(), table)
+    print(f"# wrote {len(table)} configs for {torch.cuda.get_device_name()} to {args.out}; "
+          f"use them with MOLMO_FAST_MOE_CONFIGS={args.out}")
+    return table
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -250,7 +270,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--exact-k", action="store_true", help="give molmo_fast paths K = k, not K_max = max(k)")
     parser.add_argument("--no-recompile-check", action="store_true")
     parser.add_argument("--out", default="bench/moe_kernels.json", help="JSON results path")
+    parser.add_argument("--tune", action="store_true", help="time every selectable Triton launch config per token "
+                        "bucket (or --T) at k = max(--k, default 8) and merge the fastest into --out, a configs JSON "
+                        "for MOLMO_FAST_MOE_CONFIGS (see bench/moe_tune.py)")
     args = parser.parse_args(argv)
+    if args.tune:
+        return _tune(args, parser)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device (use --device cpu --tiny for a smoke run)")
     if args.device == "cpu" and args.dtype == "bfloat16":

@@ -12,6 +12,7 @@ candidate for sm_90 and `tests/test_kernels_sm90.py` checks that the estimate an
 """
 
 import contextlib
+import functools
 import json
 import os
 from pathlib import Path
@@ -81,10 +82,11 @@ def selectable(launch: str, config: dict, elt: int, block_m: int = 0) -> bool:
 
 def rule(launch: str, elt: int, block_m: int, T: int) -> dict:
     """The config chosen without any data: the first selectable candidate, where small batches (few row
-    tiles) prefer 64-wide column blocks for more programs, and 16-row decode tiles the deepest K step."""
+    tiles) prefer 64-wide column blocks for more programs, and 16-row decode tiles the deepest K step on
+    4 warps (weight-read bound: long loads, few rows to split among warps)."""
     options = [c for c in candidates(launch) if selectable(launch, c, elt, block_m)]
     if launch in GEMM_LAUNCHES and block_m <= 16:
-        options.sort(key=lambda c: -c["BLOCK_K"])
+        options.sort(key=lambda c: (-c["BLOCK_K"], c["num_warps"]))
     elif token_bucket(T) <= 512:
         options.sort(key=lambda c: c["BLOCK_N"])
     return options[0]
@@ -108,26 +110,22 @@ def forced(configs: dict[str, dict]):
             _forced.pop(k, None)
 
 
-_tables: dict[str, dict] = {}
-
-
-def load(path: str | Path) -> dict[str, dict[str, dict]]:
+def read(path: str | Path) -> dict[str, dict[str, dict]]:
     """{device name: {key: config}} from a configs JSON; every config must be a selectable candidate."""
-    path = Path(path)
-    if str(path) in _tables:
-        return _tables[str(path)]
     try:
-        devices = json.loads(path.read_text())["devices"]
+        devices = json.loads(Path(path).read_text())["devices"]
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"moe configs: {path} unreadable or without a 'devices' object ({e})") from e
     for device, table in devices.items():
         for k, config in table.items():
-            launch, dtype, block_m = k.split("/")[0], k.split("/")[1], int(k.split("/")[2][1:])
+            launch, dtype, block_m = k.split("/")[:3]
             elt = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-            if config not in candidates(launch) or not selectable(launch, config, elt, block_m):
+            if config not in candidates(launch) or not selectable(launch, config, elt, int(block_m[1:])):
                 raise ValueError(f"moe configs: {path} [{device!r}][{k!r}] = {config} is not a selectable candidate")
-    _tables[str(path)] = devices
     return devices
+
+
+_load = functools.lru_cache(read)  # read once per process: choosing a config never touches the disk again
 
 
 def choose(launch: str, dtype: torch.dtype, block_m: int, T: int, device: torch.device) -> dict:
@@ -136,7 +134,7 @@ def choose(launch: str, dtype: torch.dtype, block_m: int, T: int, device: torch.
         return _forced[k]
     if device.type == "cuda" and not INTERPRET:
         path = os.environ.get("MOLMO_FAST_MOE_CONFIGS", SHIPPED)
-        table = load(path).get(torch.cuda.get_device_name(device), {})
+        table = _load(str(path)).get(torch.cuda.get_device_name(device), {})
         if k in table:
             return table[k]
     return rule(launch, torch.empty(0, dtype=dtype).element_size(), block_m, T)

@@ -18,9 +18,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PLAIN, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2
 # *_ROWS: where an operand's row lives: at the sorted row, at its token (pair // K), or at its pair id.
 SORTED, TOKEN, PAIR = 0, 1, 2
-# Columns of H summed together in a router-weight-gradient partial; divides every config's BLOCK_N, so
-# each config writes every partial column.
-PART_CHUNK = 16 if _INTERPRET else 64
+# Columns of H summed together in a router-weight-gradient partial; divides half of every config's BLOCK_N
+# (the SWIGLU_BWD epilogue runs in column halves), so each config writes every partial column.
+PART_CHUNK = 16 if _INTERPRET else 32
 
 
 @triton.jit
@@ -107,23 +107,39 @@ def grouped_gemm_kernel(
                 tl.store(aux_ptrs, gate.to(aux_ptr.dtype.element_ty), mask=mask)
                 tl.store(aux_ptrs + N, up.to(aux_ptr.dtype.element_ty), mask=mask)
         else:
-            gate = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(gate)
-            silu = gate * sig  # gate itself is dead from here: d_gate = d_a * up * (sig + silu * (1 - sig))
-            up = tl.load(aux_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-            act = (silu * up).to(c_ptr.dtype.element_ty).to(tl.float32)  # rounded as the forward stored it
-            part = tl.sum(tl.reshape(act * acc, (BLOCK_M, BLOCK_N // PART_CHUNK, PART_CHUNK)), axis=2)
-            num_parts = tl.cdiv(N, PART_CHUNK)
-            cols = pid_n * (BLOCK_N // PART_CHUNK) + tl.arange(0, BLOCK_N // PART_CHUNK)
-            part_ptrs = part_ptr + pair.to(tl.int64)[:, None] * num_parts + cols[None, :]
-            tl.store(part_ptrs, part, mask=row_mask[:, None] & (cols[None, :] < num_parts))
+            # In two column halves: half the epilogue's live values per thread (it spills otherwise).
+            acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             weight = tl.load(scale_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-            act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * stride_actm + offs_n[None, :]
-            tl.store(act_ptrs, (weight * act).to(act_ptr.dtype.element_ty), mask=mask)
-            acc *= weight
-            tl.store(c_ptrs + N * stride_cn, (acc * silu).to(c_ptr.dtype.element_ty), mask=mask)
-            d_gate = acc * up * (sig + silu * (1.0 - sig))
-            tl.store(c_ptrs, d_gate.to(c_ptr.dtype.element_ty), mask=mask)
+            _swiglu_bwd_half(acc_lo, pid_n * BLOCK_N, weight, rows, row_mask, pair, c_rows, N, c_ptr, aux_ptr,
+                             act_ptr, part_ptr, stride_cm, stride_cn, stride_xm, stride_actm, PART_CHUNK, BLOCK_N // 2)
+            _swiglu_bwd_half(acc_hi, pid_n * BLOCK_N + BLOCK_N // 2, weight, rows, row_mask, pair, c_rows, N, c_ptr,
+                             aux_ptr, act_ptr, part_ptr, stride_cm, stride_cn, stride_xm, stride_actm, PART_CHUNK,
+                             BLOCK_N // 2)
+
+
+@triton.jit
+def _swiglu_bwd_half(acc, col0, weight, rows, row_mask, pair, c_rows, N, c_ptr, aux_ptr, act_ptr, part_ptr,
+                     stride_cm, stride_cn, stride_xm, stride_actm, PART_CHUNK: tl.constexpr, HALF_N: tl.constexpr):
+    """The SWIGLU_BWD epilogue on acc [BLOCK_M, HALF_N], columns col0.. (see grouped_gemm_kernel)."""
+    offs_n = col0 + tl.arange(0, HALF_N)
+    mask = row_mask[:, None] & (offs_n < N)[None, :]
+    aux_ptrs = aux_ptr + rows.to(tl.int64)[:, None] * stride_xm + offs_n[None, :]
+    gate = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig  # gate itself is dead from here: d_gate = d_a * up * (sig + silu * (1 - sig))
+    up = tl.load(aux_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+    act = (silu * up).to(c_ptr.dtype.element_ty).to(tl.float32)  # rounded as the forward stored it
+    part = tl.sum(tl.reshape(act * acc, (acc.shape[0], HALF_N // PART_CHUNK, PART_CHUNK)), axis=2)
+    num_parts = tl.cdiv(N, PART_CHUNK)
+    cols = col0 // PART_CHUNK + tl.arange(0, HALF_N // PART_CHUNK)
+    part_ptrs = part_ptr + pair.to(tl.int64)[:, None] * num_parts + cols[None, :]
+    tl.store(part_ptrs, part, mask=row_mask[:, None] & (cols[None, :] < num_parts))
+    act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * stride_actm + offs_n[None, :]
+    tl.store(act_ptrs, (weight * act).to(act_ptr.dtype.element_ty), mask=mask)
+    acc *= weight
+    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs + N * stride_cn, (acc * silu).to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptrs, (acc * up * (sig + silu * (1.0 - sig))).to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
