@@ -153,7 +153,7 @@ def report(Ts, ks, dtypes, which="all", log=print) -> list[dict]:
                     chosen = {k: launch["kwargs"][k] for k in configs.candidates(name)[0]} if tunable else None
                     options = configs.candidates(name) if tunable and which != "chosen" else [chosen]
                     for config in options:
-                        if which == "selectable" and not configs.selectable(name, config, elt, block_m):
+                        if which == "selectable" and tunable and not configs.selectable(name, config, elt, block_m):
                             continue
                         key = (name, dtype_name, block_m, json.dumps(config, sort_keys=True))
                         if key not in index:
@@ -178,15 +178,16 @@ def report(Ts, ks, dtypes, which="all", log=print) -> list[dict]:
     return rows
 
 
-HEADER = (f"{'launch':>12} {'dtype':>5} {'M':>4} {'config (N,K|C,R,warps,stages)':>30} {'regs':>5} {'spill':>6} "
-          f"{'smem KiB':>9} {'mma':>6} {'wait':>4} {'bufs':>4} {'select':>6}  chosen for")
+HEADER = ("| launch | dtype | BLOCK_M | config (N,K or N,C,R; warps, stages) | regs | spill B | smem KiB | mma "
+          "| async wait | buffers | selectable | chosen for (T, k) |\n|" + "---|" * 12)
 
 
 def fmt(row: dict) -> str:
+    """One markdown table row (the table of bench/RESULTS.md)."""
     config = "-" if row["config"] is None else ",".join(str(v) for v in row["config"].values())
-    return (f"{row['launch']:>12} {row['dtype']:>5} {row['block_m']:>4} {config:>30} {row['registers']:>5} "
-            f"{row['spill_bytes']:>6} {row['shared_bytes'] / 1024:>9.1f} {row['mma']:>6} {row['async_wait']:>4} "
-            f"{row['buffers']:>4} {'yes' if row['selectable'] else 'no':>6}  {' '.join(row['cases'])}")
+    return (f"| {row['launch']} | {row['dtype']} | {row['block_m'] or '-'} | {config} | {row['registers']} | "
+            f"{row['spill_bytes']} | {row['shared_bytes'] / 1024:.1f} | {row['mma']} | {row['async_wait']} | "
+            f"{row['buffers']} | {'yes' if row['selectable'] else 'no'} | {' '.join(row['cases'])} |")
 
 
 def main(argv=None) -> list[dict]:
@@ -200,11 +201,12 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: unset it, sm_90 compiles need Triton's compiler, not its interpreter")
-    print(HEADER, flush=True)
     rows = report(args.T, args.k, args.dtypes, which=args.configs,
-                  log=lambda line: print(line, flush=True))
+                  log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(HEADER)
     for row in rows:
-        row["cases"] = sorted(set(row["cases"]))
+        row["cases"] = sorted(set(row["cases"]), key=lambda case: [int(n) for n in case[1:].split("k")])
+        print(fmt(row))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
