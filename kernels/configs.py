@@ -34,7 +34,7 @@ ACC_PER_THREAD = {"gate_up": 64, "down": 128, "down_bwd": 32, "dx": 128}
 
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 WGRAD_KEYS = ("BLOCK_N", "BLOCK_C", "BLOCK_R", "num_warps", "num_stages")
-if INTERPRET:  # tiny tiles: the interpreter's cost is per element; 2 PART_CHUNKs per block
+if INTERPRET:  # tiny tiles: the interpreter's cost is per element; each half of BLOCK_N is one PART_CHUNK
     GEMM_CANDIDATES = [(32, 16, 4, 1)]
     WGRAD_CANDIDATES = [(16, 16, 16, 4, 1)]
 else:
@@ -118,10 +118,15 @@ def read(path: str | Path) -> dict[str, dict[str, dict]]:
         raise ValueError(f"moe configs: {path} unreadable or without a 'devices' object ({e})") from e
     for device, table in devices.items():
         for k, config in table.items():
-            launch, dtype, block_m = k.split("/")[:3]
-            elt = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-            if config not in candidates(launch) or not selectable(launch, config, elt, int(block_m[1:])):
-                raise ValueError(f"moe configs: {path} [{device!r}][{k!r}] = {config} is not a selectable candidate")
+            try:
+                launch, dtype, block_m, _ = k.split("/")
+                elt = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+                ok = config in candidates(launch) and selectable(launch, config, elt, int(block_m[1:]))
+            except (ValueError, AttributeError, TypeError, KeyError):
+                ok = False
+            if not ok:
+                raise ValueError(f"moe configs: {path} [{device!r}][{k!r}] = {config}: expected a key "
+                                 "'launch/dtype/M<BLOCK_M>/T<bucket>' and a selectable candidate of configs.py")
     return devices
 
 

@@ -88,6 +88,7 @@ def _launch_plan(source: int, src, routing: Routing, block_m: int) -> Tiles:
     tk.plan_kernel[(1,)](
         src, routing.sorted_pair_P, routing.offs_E, tiles.expert, tiles.row_start, tiles.row_end, tiles.count,
         P, E, n, SOURCE=source, BLOCK_M=block_m, E_PAD=triton.next_power_of_2(E + 1), CHUNK=ROUTE_CHUNK,
+        num_warps=8,  # [CHUNK, E_PAD] one-hot tiles: 4 warps would spill them
     )
     return tiles
 
