@@ -2,7 +2,8 @@
 
     python bench/moe_kernels.py [--quick] [--out bench/moe_kernels.json]
     python bench/moe_kernels.py --device cpu --tiny      # seconds-long smoke run of the script itself
-    python bench/moe_kernels.py --tune --out FILE.json   # opt-in: tune the Triton launch configs (bench/moe_tune.py)
+
+--tune --out FILE.json (CUDA, opt-in) instead times the Triton launch configs and writes them (bench/moe_tune.py).
 
 molmo_fast paths get expert_idx [T, K_max = max k] with the first k slots active (runtime top-k, one
 shape for every k; --exact-k gives them [T, k]); transformers' OlmoeExperts gets exactly [T, k].
