@@ -5,7 +5,7 @@
 Records every kernel launch of a real forward + backward at the MolmoE-1B shape (D=2048, H=1024, E=64) from
 `triton_moe` on meta tensors (so signatures, dtypes and constexprs are exactly what a GPU run launches),
 then compiles each launch for sm_90 with Triton's bundled ptxas, once per candidate config of `configs.py`,
-for bf16, fp16 and fp32. One row per (kernel, launch, dtype, BLOCK_M, config): registers and spill bytes
+for bf16, fp16 and fp32. One row per (kernel, launch / epilogue, dtype, BLOCK_M, config): registers and spill bytes
 (`ptxas -v`), shared memory, MMA kind (wgmma / mma / none), the main loop's async-copy wait depth and
 buffer count (TTGIR), whether the config is selectable for the dtype, and the (T, k) cases that choose it.
 """
@@ -31,6 +31,8 @@ from molmo_fast.kernels import configs, triton_kernels, triton_moe
 D, H, E = 2048, 1024, 64
 SM_COUNT = 132  # H100 SXM and H200: what the persistent grids are sized for
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EPILOGUES = {triton_kernels.PLAIN: "plain", triton_kernels.SWIGLU_FWD: "swiglu_fwd",
+             triton_kernels.SWIGLU_BWD: "swiglu_bwd"}
 _SIG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
 
@@ -160,6 +162,7 @@ def report(Ts, ks, dtypes, which="all", log=print) -> list[dict]:
                             start = time.perf_counter()
                             row = {
                                 "kernel": launch["kernel"].__name__, "launch": name, "dtype": dtype_name,
+                                "epilogue": EPILOGUES.get(launch["kwargs"].get("EPILOGUE")),
                                 "block_m": block_m, "config": config, "cases": [],
                                 "selectable": True if config is None else configs.selectable(name, config, elt,
                                                                                               block_m),
