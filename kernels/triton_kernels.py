@@ -7,12 +7,10 @@ program per SM loops over the used tiles, whose count the routing writes on the 
 the active pairs, never T*K_max, and the grid (fixed by the device) never depends on top-k.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .configs import INTERPRET
 
 # EPILOGUE of the grouped GEMM (kernels compare against the literal values).
 PLAIN, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2
@@ -20,7 +18,7 @@ PLAIN, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2
 SORTED, TOKEN, PAIR = 0, 1, 2
 # Columns of H summed together in a router-weight-gradient partial; divides half of every config's BLOCK_N
 # (the SWIGLU_BWD epilogue runs in column halves), so each config writes every partial column.
-PART_CHUNK = 16 if _INTERPRET else 32
+PART_CHUNK = 16 if INTERPRET else 32
 
 
 @triton.jit
