@@ -264,6 +264,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--quick", action="store_true", help="T in {16, 512, 32768}, k in {1, 8}: < 3 min")
+    parser.add_argument("--tune", action="store_true", help="time every selectable Triton launch config per token "
+                        "bucket (or --T) at k = max(--k, default 8) and merge the fastest into --out, a configs JSON "
+                        "for MOLMO_FAST_MOE_CONFIGS (see bench/moe_tune.py)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test of this script")
     parser.add_argument("--T", type=int, nargs="+", help="override the token counts")
     parser.add_argument("--k", type=int, nargs="+", help="override the top-k values (K_max = max)")
@@ -271,9 +274,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--exact-k", action="store_true", help="give molmo_fast paths K = k, not K_max = max(k)")
     parser.add_argument("--no-recompile-check", action="store_true")
     parser.add_argument("--out", default="bench/moe_kernels.json", help="JSON results path")
-    parser.add_argument("--tune", action="store_true", help="time every selectable Triton launch config per token "
-                        "bucket (or --T) at k = max(--k, default 8) and merge the fastest into --out, a configs JSON "
-                        "for MOLMO_FAST_MOE_CONFIGS (see bench/moe_tune.py)")
     args = parser.parse_args(argv)
     if args.tune:
         return _tune(args, parser)
