@@ -172,13 +172,13 @@ def moe_bwd(dy_TD, x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, ro
     return dx_TD, dw_gate_up_EHD, dw_down_EDH, dweight_TK
 
 
-def _wgrad(launch, l, r, dw_ENC, routing: Routing, *, T, k_slots, l_rows, r_rows):
+def _wgrad(launch, left, right, dw_ENC, routing: Routing, *, T, k_slots, l_rows, r_rows):
     E, N, C = dw_ENC.shape
-    cfg = configs.choose(launch, l.dtype, 0, T, l.device)
+    cfg = configs.choose(launch, left.dtype, 0, T, left.device)
     grid = (E * triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(C, cfg["BLOCK_C"]),)
     tk.grouped_wgrad_kernel[grid](
-        l, r, dw_ENC, routing.sorted_pair_P, routing.offs_E,
-        N, C, k_slots, l.stride(0), l.stride(1), r.stride(0), r.stride(1), *dw_ENC.stride(),
+        left, right, dw_ENC, routing.sorted_pair_P, routing.offs_E,
+        N, C, k_slots, left.stride(0), left.stride(1), right.stride(0), right.stride(1), *dw_ENC.stride(),
         L_ROWS=l_rows, R_ROWS=r_rows, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_R=cfg["BLOCK_R"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

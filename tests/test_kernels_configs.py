@@ -87,7 +87,8 @@ def test_tune_writes_a_table_the_kernels_read(tmp_path):
     key = next(iter(table))
     with configs.forced({key: {"BLOCK_N": 999}}):
         launch, _, block_m, T = key.split("/")
-        assert configs.choose(launch, torch.float32, int(block_m[1:]), int(T[1:]), torch.device("cpu"))["BLOCK_N"] == 999
+        chosen = configs.choose(launch, torch.float32, int(block_m[1:]), int(T[1:]), torch.device("cpu"))
+        assert chosen["BLOCK_N"] == 999
     w_gate_up_EHD, w_down_EDH = torch.randn(4, 32, 32), torch.randn(4, 32, 16)
     y = moe_mlp(torch.randn(3, 32), w_gate_up_EHD, w_down_EDH, torch.tensor([[0, 1]] * 3), torch.ones(3, 2),
                 impl="triton")
