@@ -3,6 +3,8 @@
     python bench/moe_kernels.py [--quick] [--out runs/bench/moe_kernels.json]
     python bench/moe_kernels.py --device cpu --tiny      # seconds-long smoke run of the script itself
 
+--tune --out FILE.json (CUDA, opt-in) instead times the Triton launch configs and writes them (bench/moe_tune.py).
+
 molmo_fast paths get expert_idx [T, K_max = max k] with the first k slots active (runtime top-k, one
 shape for every k; --exact-k gives them [T, k]); transformers' OlmoeExperts gets exactly [T, k].
 Columns: median ms, TFLOP/s on the active pairs, % of a dense bf16 GEMM timed in this run, GB/s on the
@@ -238,11 +240,33 @@ def _fmt(r: dict) -> str:
     )
 
 
+def _tune(args, parser) -> dict:
+    import importlib.util
+    from pathlib import Path
+
+    if args.device != "cuda" or not torch.cuda.is_available():
+        parser.error("--tune times Triton kernels: it needs a CUDA device")
+    spec = importlib.util.spec_from_file_location("moe_tune", Path(__file__).with_name("moe_tune.py"))
+    moe_tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(moe_tune)
+    from molmo_fast.kernels import configs
+
+    table = moe_tune.tune(_timer("cuda", quick=True), make_routing, getattr(torch, args.dtype),
+                          args.T or list(configs.TOKEN_BUCKETS), max(args.k or [8]))
+    moe_tune.write(args.out, torch.cuda.get_device_name(), table)
+    print(f"# wrote {len(table)} configs for {torch.cuda.get_device_name()} to {args.out}; "
+          f"use them with MOLMO_FAST_MOE_CONFIGS={args.out}")
+    return table
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--quick", action="store_true", help="T in {16, 512, 32768}, k in {1, 8}: < 3 min")
+    parser.add_argument("--tune", action="store_true", help="time every selectable Triton launch config per token "
+                        "bucket (or --T) at k = max(--k, default 8) and merge the fastest into --out, a configs JSON "
+                        "for MOLMO_FAST_MOE_CONFIGS (see bench/moe_tune.py)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test of this script")
     parser.add_argument("--T", type=int, nargs="+", help="override the token counts")
     parser.add_argument("--k", type=int, nargs="+", help="override the top-k values (K_max = max)")
@@ -251,6 +275,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-recompile-check", action="store_true")
     parser.add_argument("--out", default="runs/bench/moe_kernels.json", help="JSON results path")
     args = parser.parse_args(argv)
+    if args.tune:
+        return _tune(args, parser)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device (use --device cpu --tiny for a smoke run)")
     if args.device == "cpu" and args.dtype == "bfloat16":

@@ -1,4 +1,5 @@
-"""Bucket the active (token, slot) pairs by expert, on device, with static shapes and no host sync.
+"""Bucket the active (token, slot) pairs by expert, with static shapes and no host sync: the torch reference
+of the Triton routing (histogram -> scan -> stable scatter in `triton_kernels.py`) and the grouped_mm path's.
 
 Pairs are flattened as p = t * K + k. Every tensor here has a size fixed by (T, K, E, block_m), never
 by the number of active pairs, so changing top-k (or the active mask) changes data, not shapes: neither
@@ -23,6 +24,7 @@ class Tiles:
     expert: torch.Tensor  # int32 [max_tiles]
     row_start: torch.Tensor  # int32 [max_tiles]; row_start == row_end marks an unused tile
     row_end: torch.Tensor  # int32 [max_tiles]: end of the tile's expert group (rows beyond are masked)
+    count: torch.Tensor  # int32 [1]: used tiles (the first ones); persistent kernels read it on the device
 
 
 def active_mask(expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -54,7 +56,7 @@ def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def make_tiles(routing: Routing, block_m: int) -> Tiles:
-    """Torch reference of the tile plan (the Triton path builds it in one launch: `plan_kernel`)."""
+    """Torch reference of the tile plan (the Triton path builds it on the device: `plan_kernel`)."""
     offs_E = routing.offs_E.to(torch.int64)
     E, P = offs_E.numel(), routing.sorted_pair_P.numel()
     starts_E = torch.cat([offs_E.new_zeros(1), offs_E[:-1]])
@@ -70,4 +72,5 @@ def make_tiles(routing: Routing, block_m: int) -> Tiles:
         torch.where(used, e, 0).to(torch.int32),
         torch.where(used, row_start, 0).to(torch.int32),
         torch.where(used, row_end, 0).to(torch.int32),
+        tile_end_E[-1:].to(torch.int32),
     )

@@ -153,7 +153,7 @@ def test_routing_tiles_cover_each_active_pair_once():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("small", [True, False])  # one-launch counting sort / torch.sort + binary search
+@pytest.mark.parametrize("small", [True, False])  # one-program counting sort / histogram -> scan -> scatter
 @pytest.mark.parametrize("T,K,E,block_m", [(13, 4, 8, 16), (40, 2, 4, 16), (1, 4, 8, 16), (300, 8, 64, 32)])
 def test_triton_routing_matches_torch_reference(T, K, E, block_m, small, monkeypatch):
     from molmo_fast.kernels import triton_moe
@@ -165,7 +165,7 @@ def test_triton_routing_matches_torch_reference(T, K, E, block_m, small, monkeyp
     got, got_tiles = triton_moe._route(idx_TK, E, block_m)
     assert torch.equal(got.sorted_pair_P, want.sorted_pair_P) and torch.equal(got.offs_E, want.offs_E)
     for tiles in (got_tiles, triton_moe._plan(want, block_m)):  # the backward rebuilds it from offsets
-        for name in ("expert", "row_start", "row_end"):
+        for name in ("expert", "row_start", "row_end", "count"):
             assert torch.equal(getattr(tiles, name), getattr(want_tiles, name)), name
 
 
