@@ -13,6 +13,8 @@ from typing import Any
 
 import gin
 
+from molmo_fast.typecheck import check_fields
+
 GIN_DIR = Path(__file__).resolve().parents[2] / "gin"
 _GROUPS = ("vit", "connector", "llm")
 
@@ -44,6 +46,7 @@ class ModelConfig:
     moe_impl: str = "auto"
 
     def __post_init__(self):
+        check_fields(self)
         from molmo_fast.model.molmoe import INIT_SCHEMES
 
         _require(self.init_scheme in INIT_SCHEMES, "ModelConfig", "init_scheme", self.init_scheme,
@@ -111,6 +114,7 @@ class DataConfig:
     world_independent: bool = False
 
     def __post_init__(self):
+        check_fields(self)
         names = set(self.shards) | set(self.synthetic)
         _require(bool(names), "DataConfig", "shards", self.shards,
                  "at least one shard directory (or DataConfig.synthetic)")
@@ -179,6 +183,7 @@ class OptimConfig:
     vit_params: tuple = ("vit.*",)
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("lr", "warmup"):
             value = getattr(self, name)
             _require(set(value) == set(_GROUPS), "OptimConfig", name, value,
@@ -218,6 +223,7 @@ class TrainConfig:
     peak_flops: float | None = None  # per device; None = looked up from the device name
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every",
                      "keep_last"):
             value = getattr(self, name)
