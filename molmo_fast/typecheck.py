@@ -33,7 +33,7 @@ def matches(value: Any, expected: Any) -> bool:
         if not args:
             return True
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            return len(value) == len(args) and all(matches(v, a) for v, a in zip(value, args))
+            return len(value) == len(args) and all(matches(v, a) for v, a in zip(value, args, strict=True))
         return all(matches(v, args[0]) for v in value)
     if (origin or expected) is dict:
         return isinstance(value, dict) and (not args or all(

@@ -6,8 +6,16 @@ import os
 import pytest
 
 from molmo_fast import outdir
-from molmo_fast.outdir import (MARKER, OutputDirError, atomic_output_dir, check_output_dir, claim_output_dir,
-                               is_own_output, read_marker, remove_own_output)
+from molmo_fast.outdir import (
+    MARKER,
+    OutputDirError,
+    atomic_output_dir,
+    check_output_dir,
+    claim_output_dir,
+    is_own_output,
+    read_marker,
+    remove_own_output,
+)
 
 
 def _write(tmp_dir, name="model.bin", text="new"):

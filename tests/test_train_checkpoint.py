@@ -80,7 +80,7 @@ def test_a_crafted_pickle_in_any_checkpoint_file_runs_nothing_on_resume(group, t
     # the untouched checkpoint still loads, exactly
     fresh, fresh_opt = _model_and_optimizer(seed=1)
     assert ckpt.load_checkpoint(good, fresh, fresh_opt)["tokens_seen"] == 5
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
     assert fresh_opt.state_dict()["param_groups"][0]["betas"] == (0.9, 0.95)
 
 

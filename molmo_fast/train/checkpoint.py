@@ -15,11 +15,9 @@ which DCP unpickles; training checkpoints are for trusted use, models are shared
 """
 
 import errno
-import io
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -30,48 +28,15 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and (p / "train_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
-    """The checkpoint of `step`, or the latest one; a clear error when there is none."""
-    found = checkpoint_dirs(run_dir)
-    if step is not None:
-        found = [(s, p) for s, p in found if s == step]
-    if not found:
-        what = f"step {step}" if step is not None else "any step"
-        raise FileNotFoundError(f"no complete checkpoint for {what} under {Path(run_dir) / 'checkpoints'}")
-    return found[-1][1]
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default planner unpickles the non-tensor entries (optimizer hyper-parameters) with
-    `weights_only=False`, so a crafted shard file could run code; this one accepts plain data only."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        plain = torch.load(value, weights_only=True)
-        # hand the parent a stream we wrote ourselves: its full unpickling then only rebuilds plain data
-        clean = io.BytesIO()
-        torch.save(plain, clean)
-        clean.seek(0)
-        super().load_bytes(read_item, clean)
+from molmo_fast.runtime.checkpoints import checkpoint_dirs
+from molmo_fast.runtime.dcp_load import dcp_load
 
 
 def _save_rng_state(path: Path) -> None:
@@ -150,10 +115,10 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if list(path.glob("rng_rank*.pt")):
         raise ValueError(f"{path}: written by an older molmo_fast that pickled the RNG state; resuming from it "
                          f"would unpickle it, so it is refused (start a new run, or initialise one from its export)")
-    dcp.load(model_state, checkpoint_id=str(path), planner=SafeLoadPlanner())
+    dcp_load(model_state, path)
     # Parameters that never received a gradient (e.g. the ViT layer after the last one the connector reads)
     # have no Adam state in the checkpoint; they keep the fresh zero state, which AdamW never touches either.
-    dcp.load(optim_state, checkpoint_id=str(path), planner=SafeLoadPlanner(allow_partial_load=True))
+    dcp_load(optim_state, path, allow_partial_load=True)
     set_state_dict(model, optimizer, model_state_dict=model_state["model"], optim_state_dict=optim_state["optim"])
     rng = path / f"rng_rank{dist.get_rank()}.safetensors"
     if rng.is_file():  # absent when resuming on more ranks than were saved: those ranks keep fresh seeds
@@ -177,11 +142,6 @@ def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor]) -> 
     """Collective: loads a full (unsharded) state dict held by rank 0 into a sharded model."""
     set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
                                                                   strict=True))
-
-
-def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Collective: the full state dict gathered on CPU (empty on ranks other than 0)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _raise_if_disk_full(exc: BaseException, tmp: Path, root: Path, step: int) -> None:

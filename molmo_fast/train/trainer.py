@@ -6,58 +6,32 @@ first forward), so averaging gradients over ranks gives the exact per-token mean
 world size or accumulation split. The LM z-loss and the MoE aux losses use the same divisor.
 """
 
-import datetime
 import math
-import os
 import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from molmo_fast.runtime.checkpoints import checkpoint_dirs, find_checkpoint
+from molmo_fast.runtime.device import Env, init_distributed, to_device
+from molmo_fast.runtime.export import export_sharded_model
+from molmo_fast.runtime.loss import loss_positions, masked_token_sums
+from molmo_fast.runtime.parallelize import parallelize
 from molmo_fast.train import checkpoint as ckpt
 from molmo_fast.train.config import Config
-from molmo_fast.train.data import TrainData, build_mixture, to_device, write_preprocessor_dir
-from molmo_fast.train.metrics import FlopCounter, MetricsLogger, Throughput, memory_stats, peak_flops
+from molmo_fast.train.data import TrainData, build_mixture, write_preprocessor_dir
+from molmo_fast.train.metrics import StepReporter
 from molmo_fast.train.optim import build_optimizer, clip_grad_norms, set_learning_rates
-from molmo_fast.train.parallelize import parallelize
+from molmo_fast.train.validation import validate
 
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-@dataclass
-class Env:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Env:
-    """Joins the torchrun group, or makes a one-process group so single-process runs take the same code path."""
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
-        if "RANK" in os.environ:
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return Env(dist.get_rank(), dist.get_world_size(), device)
 
 
 def git_revision() -> str:
@@ -125,24 +99,6 @@ def build_model(cfg: Config, env: Env) -> nn.Module:
     return model.train()
 
 
-def loss_positions(batch: dict) -> dict[str, torch.Tensor]:
-    """Where a micro-batch's loss is, computed on its host copy so the device never syncs for it.
-
-    The LM head runs at the loss positions only (`logits_at`): every loss term is masked to them, and in Molmo's
-    data they are a small part of the sequence (answers, not images or prompts), so this skips most of the
-    largest matmul and of the [tokens, vocab] logits memory. Rows are left-packed with their loss positions and
-    padded with weight-0 slots up to the longest row: `loss_at`, `loss_weight`, `loss_labels` [B, n], plus
-    `response_mask` [B, S] (tokens that carry loss) and `loss_tokens` (the summed weights, 0-dim).
-    """
-    mask_BS = batch["loss_masks"].clamp_min(0) * (batch["labels"] >= 0)
-    has_loss_BS = mask_BS > 0
-    n = max(int(has_loss_BS.sum(1).max()), 1)
-    at_Bn = torch.argsort(has_loss_BS.to(torch.int8), dim=1, descending=True, stable=True)[:, :n]
-    return {"loss_at": at_Bn, "loss_weight": mask_BS.gather(1, at_Bn),
-            "loss_labels": batch["labels"].gather(1, at_Bn).clamp_min(0), "response_mask": has_loss_BS,
-            "loss_tokens": mask_BS.sum(dtype=torch.float32)}
-
-
 def gradient_sync_steps(model: nn.Module, micro_batches: list[dict], defer: bool) -> Iterator[tuple[int, dict]]:
     """The step's micro-batches, enumerated. With `defer`, an FSDP2 model reduce-scatters gradients only in the
     backward of the last one: one reduce-scatter per step instead of per micro-batch, at the price of holding
@@ -162,49 +118,110 @@ def micro_batch_loss(model: nn.Module, batch: dict, divisor: torch.Tensor, lm_zl
                 image_input_idx=batch.get("image_input_idx"), position_ids=batch.get("position_ids"),
                 subsegment_ids=batch.get("subsegment_ids"), output_router_logits=want_router,
                 logits_at=batch["loss_at"], right_padded=True, response_mask=batch["response_mask"])
-    logits = out.logits.float().flatten(0, 1)  # [B * n, vocab]
-    labels, weight = batch["loss_labels"].flatten(), batch["loss_weight"].flatten()
-    lm_loss = (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / divisor
-    z_loss = (torch.logsumexp(logits, dim=-1).pow(2) * weight).sum() / divisor
+    sums = masked_token_sums(out.logits, batch["loss_labels"], batch["loss_weight"])
+    lm_loss, z_loss = sums["ce"] / divisor, sums["zloss"] / divisor
     loss = lm_loss + lm_zloss_weight * z_loss
     moe_aux = getattr(out, "aux_loss", None)
     if moe_aux is not None:
         # Per micro-batch means, averaged over the micro-batches of the step (as Molmo does).
         loss = loss + moe_aux / n_micro
-    parts = {"lm_loss": lm_loss.detach(), "zloss": z_loss.detach(),
-             "correct": ((logits.argmax(-1) == labels).float() * weight).sum().detach() / divisor}
+    parts = {"lm_loss": lm_loss.detach(), "zloss": z_loss.detach(), "correct": sums["correct"].detach() / divisor}
     if moe_aux is not None:
         parts["moe_aux_loss"] = moe_aux.detach() / n_micro
     return loss, parts, getattr(out, "router_logits", None)
 
 
 @torch.no_grad()
-def router_stats(router_logits: list[torch.Tensor], batch: dict, top_k: int) -> dict[str, float]:
-    """Expert-load balance of a micro-batch: LB loss, router z-loss and the spread of per-expert load."""
+def router_stats(model: nn.Module, router_logits: list[torch.Tensor], batch: dict) -> dict[str, float]:
+    """Expert-load balance of a micro-batch: LB loss, router z-loss and the spread of per-expert load, with each
+    layer's experts chosen as that layer routes them (its k, K_max and routing policy)."""
     from molmo_fast.model.moe import expert_load, load_balancing_loss, route, router_z_loss
 
+    llm = model.llm
+    moes = [block.moe for i, block in enumerate(llm.blocks) if i not in llm.skip_blocks]  # the layers that ran
     valid_T = (batch["input_ids"] != -1).flatten()
     lb, rz, cv, max_frac = [], [], [], []
-    for logits_TE in router_logits:
-        idx_TK, _ = route(logits_TE, top_k, top_k)
+    for logits_TE, moe in zip(router_logits, moes, strict=True):
+        idx_TK, _ = route(logits_TE, moe.k_max, moe.top_k, moe.policy)
         lb.append(load_balancing_loss(logits_TE, idx_TK, valid_T))
         rz.append(router_z_loss(logits_TE, valid_T))
         load_E = expert_load(idx_TK.masked_fill(~valid_T.unsqueeze(-1), -1), logits_TE.shape[-1]).float()
         frac_E = load_E / load_E.sum().clamp_min(1)
         cv.append(frac_E.std() / frac_E.mean().clamp_min(1e-9))
         max_frac.append(frac_E.max())
-    mean = lambda xs: float(torch.stack(xs).mean())  # noqa: E731
-    return {"moe/lb_loss": mean(lb), "moe/router_zloss": mean(rz), "moe/expert_load_cv": mean(cv),
-            "moe/max_expert_frac": mean(max_frac)}
+    stats = {"moe/lb_loss": lb, "moe/router_zloss": rz, "moe/expert_load_cv": cv, "moe/max_expert_frac": max_frac}
+    return {name: float(torch.stack(values).mean()) for name, values in stats.items()}
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step reports (host floats): loss parts averaged over ranks (`loss`, `lm_loss`, `zloss`,
+    `correct` = token accuracy, `moe_aux_loss` when weighted), pre-clip grad norms per group and in total, the
+    learning rates, the global loss-token count, tokens processed by all ranks and, when asked, router stats."""
+
+    losses: dict[str, float]
+    grad_norms: dict[str, float]
+    lrs: dict[str, float]
+    loss_tokens: float
+    tokens: int
+    router: dict[str, float] = field(default_factory=dict)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, by_group: dict[str, list[nn.Parameter]],
+               micro_batches: list[dict], step: int, cfg: Config, env: Env, want_router: bool = False) -> StepOutput:
+    """One optimizer step over this rank's micro-batches (host copies; each gains its `loss_positions`).
+    Collective. Raises `TrainingDiverged`, before touching the weights, if the loss or a grad norm is not finite."""
+    # Everything the host needs about the batches (loss positions, token counts for the divisor) comes from the
+    # host copies: no device sync inside the step until its one .tolist().
+    for b in micro_batches:
+        b.update(loss_positions(b))
+    loss_tokens = torch.stack([b["loss_tokens"] for b in micro_batches]).sum().to(env.device)
+    dist.all_reduce(loss_tokens)
+    divisor = (loss_tokens / env.world_size).clamp_min(1.0)
+
+    lrs = set_learning_rates(optimizer, step, cfg.train.max_steps, cfg.optim.final_lr_ratio)
+    totals: dict[str, torch.Tensor] = {}
+    router = {}
+    for i, host_batch in gradient_sync_steps(model, micro_batches, cfg.train.defer_grad_sync):
+        batch = to_device(host_batch, env.device)  # one micro-batch on the device at a time
+        loss, parts, router_logits = micro_batch_loss(model, batch, divisor, cfg.train.lm_zloss_weight,
+                                                      len(micro_batches), want_router and i == 0)
+        loss.backward()
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0) + v
+        if router_logits:
+            router = router_stats(model, router_logits, batch)
+    totals["loss"] = totals["lm_loss"] + cfg.train.lm_zloss_weight * totals["zloss"] + totals.get("moe_aux_loss", 0)
+    names = sorted(totals)
+    reduced = torch.stack([totals[k] for k in names])
+    dist.all_reduce(reduced)
+    norms = clip_grad_norms(by_group, cfg.optim.max_grad_norm)
+    # The step's one host sync: loss parts and grad norms together (the NaN guard needs both).
+    values = torch.cat([reduced / env.world_size, torch.stack(list(norms.values())).to(reduced),
+                        loss_tokens.view(1).to(reduced)]).tolist()
+    losses = dict(zip(names, values[:len(names)], strict=True))
+    grad_norms = dict(zip(norms, values[len(names):-1], strict=True))
+    bad = [k for k, v in {"loss": losses["loss"], **grad_norms}.items() if not math.isfinite(v)]
+    if bad:
+        raise TrainingDiverged(f"step {step}: non-finite {', '.join(bad)} (loss={losses['loss']}, grad norms="
+                               f"{grad_norms}); stopped before the optimizer step")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b["input_ids"].numel() for b in micro_batches) * env.world_size
+    return StepOutput(losses, grad_norms, lrs, values[-1], tokens, router)
+
+
+def _due(step: int, every: int, last: bool) -> bool:
+    return every > 0 and (step % every == 0 or last)
 
 
 def train(cfg: Config, resume: str | None = None) -> dict:
     """Runs (or resumes) a training job; returns the final step's metrics. `resume`: "latest" or a checkpoint dir."""
-    env = init_distributed()
+    env = init_distributed(always_group=True)
     torch.manual_seed(cfg.train.seed)
     resume_path = None
     if resume:
-        resume_path = ckpt.find_checkpoint(cfg.train.run_dir) if resume == "latest" else Path(resume)
+        resume_path = find_checkpoint(cfg.train.run_dir) if resume == "latest" else Path(resume)
     run_dir = prepare_run_dir(cfg, env, resuming=resume is not None)
     grad_accum = cfg.train.grad_accum_steps(env.world_size)
 
@@ -221,121 +238,44 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     dist.barrier()
     data = TrainData(cfg.data, run_dir / "preprocessor", env.rank, env.world_size, cfg.train.micro_batch_size,
                      grad_accum, start_step)
-
-    mcfg = model.config
-    n_active = model.num_parameters(active=True)
-    count_flops = FlopCounter(model)
-    peak = peak_flops(env.device, cfg.train.peak_flops)
-    logger = MetricsLogger(run_dir, env.is_main, purge_step=start_step + 1 if resume_path else None)
+    report = StepReporter(model, cfg, env, run_dir, start_step, resumed=resume_path is not None)
     if env.is_main and start_step == 0:
-        logger.text("config", cfg.gin_config.replace("\n", "  \n"))
         print(f"molmo_fast.train: {env.world_size} rank(s), global batch {cfg.train.global_batch_size} = "
               f"{cfg.train.micro_batch_size} x {grad_accum} accum x {env.world_size}, {cfg.train.max_steps} steps, "
-              f"{n_active / 1e6:.1f}M active params, run dir {run_dir}", flush=True)
-    progress = None
-    if env.is_main and cfg.train.progress_bar:
-        from tqdm import tqdm
-
-        progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+              f"{model.num_parameters(active=True) / 1e6:.1f}M active params, run dir {run_dir}", flush=True)
 
     tokens_seen = state.get("tokens_seen", 0)
-    meter = Throughput()
     metrics: dict[str, float] = {}
     for step in range(start_step + 1, cfg.train.max_steps + 1):
-        log_now = step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.max_steps
-        t0 = time.perf_counter()
-        # The DataLoader draws its base seed from the global RNG when it starts; keep that out of the training
-        # stream (dropout) so a resumed run continues the exact RNG sequence of the checkpoint.
-        with torch.random.fork_rng(devices=[]):
-            micro_batches = data.next_step()
-        meter.data_wait += time.perf_counter() - t0
-        # Everything the host needs about the batches (loss positions, token and crop counts for the divisor
-        # and FLOPs) comes from the host copies: no device sync inside the step until its one .tolist().
-        for b in micro_batches:
-            b.update(loss_positions(b))
-        crops = sum(int((b["images"] != -1).any(-1).any(-1).sum()) for b in micro_batches if "images" in b)
-        logit_positions = sum(b["loss_at"].numel() for b in micro_batches)
-        meter.flops += count_flops(cfg.train.micro_batch_size * len(micro_batches), cfg.data.sequence_length,
-                                   crops, logit_positions) * env.world_size
-        loss_tokens = torch.stack([b["loss_tokens"] for b in micro_batches]).sum().to(env.device)
-        dist.all_reduce(loss_tokens)
-        divisor = (loss_tokens / env.world_size).clamp_min(1.0)
-
-        lrs = set_learning_rates(optimizer, step, cfg.train.max_steps, cfg.optim.final_lr_ratio)
-        totals: dict[str, torch.Tensor] = {}
-        moe = None
-        for i, host_batch in gradient_sync_steps(model, micro_batches, cfg.train.defer_grad_sync):
-            batch = to_device(host_batch, env.device)  # one micro-batch on the device at a time
-            want_router = log_now and i == 0
-            loss, parts, router_logits = micro_batch_loss(model, batch, divisor, cfg.train.lm_zloss_weight,
-                                                          len(micro_batches), want_router)
-            loss.backward()
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0) + v
-            if want_router and router_logits:
-                moe = router_stats(router_logits, batch, mcfg.moe.top_k)
-        totals["loss"] = totals["lm_loss"] + cfg.train.lm_zloss_weight * totals["zloss"] + totals.get(
-            "moe_aux_loss", 0)
-        names = sorted(totals)
-        reduced = torch.stack([totals[k] for k in names])
-        dist.all_reduce(reduced)
-        norms = clip_grad_norms(by_group, cfg.optim.max_grad_norm)
-        # The step's one host sync: loss parts and grad norms together (the NaN guard needs both).
-        values = torch.cat([reduced / env.world_size, torch.stack(list(norms.values())).to(reduced),
-                            loss_tokens.view(1).to(reduced)]).tolist()
-        reduced = dict(zip(names, values[:len(names)]))
-        norm_values = dict(zip(norms, values[len(names):-1]))
-        bad = [k for k, v in {"loss": reduced["loss"], **norm_values}.items() if not math.isfinite(v)]
-        if bad:
-            last = ckpt.checkpoint_dirs(run_dir)
-            keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-            logger.close()
-            raise TrainingDiverged(f"step {step}: non-finite {', '.join(bad)} (loss={reduced['loss']}, grad norms="
-                                   f"{norm_values}); stopped before the optimizer step, {keep}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        step_tokens = sum(b["input_ids"].numel() for b in micro_batches) * env.world_size
-        tokens_seen += step_tokens
-        meter.tokens += step_tokens
-        meter.steps += 1
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{reduced['loss']:.4f}")
+        last = step == cfg.train.max_steps
+        log_now = step == 1 or _due(step, cfg.train.log_every, last)
+        with report.waiting_for_data():
+            # The DataLoader draws its base seed from the global RNG when it starts; keep that out of the training
+            # stream (dropout) so a resumed run continues the exact RNG sequence of the checkpoint.
+            with torch.random.fork_rng(devices=[]):
+                micro_batches = data.next_step()
+        try:
+            out = train_step(model, optimizer, by_group, micro_batches, step, cfg, env, want_router=log_now)
+        except TrainingDiverged as e:
+            report.close()
+            found = checkpoint_dirs(run_dir)
+            keep = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written yet"
+            raise TrainingDiverged(f"{e}, {keep}") from None
+        tokens_seen += out.tokens
+        report.step(micro_batches, out)
         if log_now:
-            window = meter.window()
-            metrics = {"train/loss": reduced["loss"], "train/lm_loss": reduced["lm_loss"],
-                       "train/zloss": reduced["zloss"], "train/accuracy": reduced["correct"],
-                       "train/moe_aux_loss": reduced.get("moe_aux_loss", 0.0),
-                       "train/loss_tokens": values[-1], "train/tokens_seen": float(tokens_seen),
-                       "perf/tokens_per_s": window["tokens_per_s"],
-                       "perf/tokens_per_s_per_device": window["tokens_per_s"] / env.world_size,
-                       "perf/data_wait_pct": window["data_wait_pct"],
-                       "perf/step_time_s": window["elapsed_s"] / max(window["steps"], 1)}
-            metrics.update({f"optim/grad_norm/{k}": v for k, v in norm_values.items()})
-            metrics.update({f"optim/lr/{k}": v for k, v in lrs.items()})
-            if peak:
-                metrics["perf/mfu_pct"] = 100 * window["flops_per_s"] / (peak * env.world_size)
-            metrics.update(memory_stats(env.device))
-            if moe:
-                metrics.update(moe)
-            metrics.update(data.stats())
-            logger.log(step, metrics)
-            meter.reset()
+            metrics = report.log(step, out, tokens_seen, data.stats())
         if step == start_step + 1 and env.is_main and not (run_dir / "operative_config.gin").exists():
             import gin
 
             (run_dir / "operative_config.gin").write_text(gin.operative_config_str())
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-            ckpt.save_checkpoint(run_dir, step, model, optimizer, {"tokens_seen": tokens_seen},
-                                 cfg.train.keep_last)
-    if progress is not None:
-        progress.close()
-    logger.close()
+        if _due(step, cfg.train.eval_every, last):
+            report.log_eval(step, validate(model, cfg, env, run_dir, step))
+        if _due(step, cfg.train.checkpoint_every, last):
+            ckpt.save_checkpoint(run_dir, step, model, optimizer, {"tokens_seen": tokens_seen}, cfg.train.keep_last)
+    report.close()
     data.close()
     if cfg.train.export_hf_at_end and start_step < cfg.train.max_steps:
-        from molmo_fast.export import export_sharded_model
-
         export_sharded_model(model, run_dir, run_dir / "hf", env.is_main)
         dist.barrier()
     return metrics
