@@ -70,19 +70,20 @@ def check_output_dir(path: PathLike, kind: str, *, params: dict | None = None, p
         p = Path(p).resolve()
         if p == resolved or resolved in p.parents:
             where = "into" if p == resolved else "above"
-            raise OutputDirError(f"{out}: refusing to write a {kind} output {where} {p} ({what}); choose a "
+            raise OutputDirError(f"{out}: refusing to write {_a(kind)} {kind} output {where} {p} ({what}); choose a "
                                  f"directory outside it")
     if out.exists() and not out.is_dir():
-        raise OutputDirError(f"{out}: exists and is not a directory; refusing to replace it with a {kind} output")
+        raise OutputDirError(f"{out}: exists and is not a directory; refusing to replace it with {_a(kind)} {kind} "
+                             f"output")
     if not out.is_dir() or not any(out.iterdir()):
         return out
     marker = read_marker(out)
     if marker is None:
-        raise OutputDirError(f"{out}: refusing to write a {kind} output into a non-empty directory molmo_fast did "
-                             f"not write (it holds {_describe(out)}); choose another directory")
+        raise OutputDirError(f"{out}: refusing to write {_a(kind)} {kind} output into a non-empty directory "
+                             f"molmo_fast did not write (it holds {_describe(out)}); choose another directory")
     if marker["kind"] != kind:
-        raise OutputDirError(f"{out}: holds a molmo_fast {marker['kind']} output, not a {kind} output; refusing to "
-                             f"replace it; choose another directory")
+        raise OutputDirError(f"{out}: holds a molmo_fast {marker['kind']} output, not {_a(kind)} {kind} output; "
+                             f"refusing to replace it; choose another directory")
     same = params is None or marker.get("params") == params
     if (same and reuse) or overwrite:
         return out
@@ -192,6 +193,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _a(kind: str) -> str:
+    return "an" if kind[0] in "aeiou" else "a"
 
 
 def _describe(path: Path) -> str:

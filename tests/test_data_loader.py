@@ -103,16 +103,16 @@ def test_resume_rejects_changed_stream_settings(tmp_path):
     changed = {"batch_size": _cfg(batch_size=4), "epoch_batches": _cfg(epoch_batches=4),
                "shuffle_buffer": _cfg(shuffle_buffer=7), "num_workers": _cfg(num_workers=1)}
     for field, cfg in changed.items():
-        with pytest.raises(ValueError, match=rf"{field}: saved \d+, now \d+"):
+        with pytest.raises(ValueError, match=rf"{field} was \d+, now \d+"):
             TrainLoader(mix, fake_preprocess, cfg, rank=0, world_size=2).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"world_size: saved 2, now 1"):
+    with pytest.raises(ValueError, match=r"world_size was 2, now 1"):
         TrainLoader(mix, fake_preprocess, _cfg()).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"rates: saved .*, now .*0\.75"):
+    with pytest.raises(ValueError, match=r"rates was .*, now .*0\.75"):
         TrainLoader(Mixture({"a": a, "b": b}, {"a": 0.75, "b": 0.25}), fake_preprocess, _cfg(),
                     rank=0, world_size=2).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"shard_sets: saved") as err:
+    with pytest.raises(ValueError, match=r"shard_sets was") as err:
         TrainLoader(Mixture({"a": a}), fake_preprocess, _cfg(), rank=0, world_size=2).load_state_dict(state)
-    assert "rates: saved" in str(err.value)  # every mismatching field is named, not just the first
+    assert "rates was" in str(err.value)  # every mismatching field is named, not just the first
     old = {k: state[k] for k in ("step", "seed", "num_workers", "stats")}  # a state saved before these checks
     with pytest.raises(ValueError, match="lacks the stream settings"):
         TrainLoader(mix, fake_preprocess, _cfg(), rank=0, world_size=2).load_state_dict(old)

@@ -51,7 +51,7 @@ def test_file_and_other_kind_are_refused(tmp_path):
         check_output_dir(tmp_path / "f", "export", overwrite=True)
     claim_output_dir(tmp_path / "run", "train_run")
     (tmp_path / "run" / "metrics.jsonl").write_text("{}")
-    with pytest.raises(OutputDirError, match="holds a molmo_fast train_run output, not a export output"):
+    with pytest.raises(OutputDirError, match="holds a molmo_fast train_run output, not an export output"):
         check_output_dir(tmp_path / "run", "export", overwrite=True)
 
 

@@ -244,16 +244,21 @@ class TrainLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, **self._stream_settings(), "stats": dict(self.stats)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], check: bool = True) -> None:
+        """Continues at the saved position; refuses a stream that differs from the saved one unless `check` is
+        False (the user accepted changed data settings)."""
+        if not check:
+            self.step, self.stats = int(state["step"]), dict(state["stats"])
+            return
         now = self._stream_settings()
         missing = [name for name in now if name not in state]
         if missing:
             raise ValueError(f"loader state lacks the stream settings {missing} (saved by an older version?): "
                              f"cannot check that resuming reproduces the checkpointed data stream")
-        mismatched = [f"{name}: saved {state[name]!r}, now {now[name]!r}" for name in now if state[name] != now[name]]
+        mismatched = [f"{name} was {state[name]!r}, now {now[name]!r}" for name in now if state[name] != now[name]]
         if mismatched:
-            raise ValueError("loader state does not match the current data settings, so the data stream would "
-                             "differ from the checkpointed run:\n  " + "\n  ".join(mismatched))
+            raise ValueError("the data stream would differ from the checkpointed run's: loader setting "
+                             + "; ".join(mismatched))
         self.step = int(state["step"])
         self.stats = dict(state["stats"])
 
