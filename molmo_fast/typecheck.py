@@ -54,11 +54,15 @@ def type_name(expected: Any) -> str:
     return getattr(expected, "__name__", str(expected))
 
 
+class FieldTypeError(TypeError, ValueError):
+    """A config field of the wrong type (catchable as TypeError or, with the other config errors, ValueError)."""
+
+
 def check_fields(obj: Any) -> None:
-    """Raises TypeError naming `Class.field`, the value and the expected type for the first mistyped field."""
+    """Raises FieldTypeError naming `Class.field`, the value and the expected type for the first mistyped field."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if not matches(value, hints[f.name]):
-            raise TypeError(f"{type(obj).__name__}.{f.name} = {value!r}: expected {type_name(hints[f.name])}, "
+            raise FieldTypeError(f"{type(obj).__name__}.{f.name} = {value!r}: expected {type_name(hints[f.name])}, "
                             f"got {type(value).__name__}")

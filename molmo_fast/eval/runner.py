@@ -28,6 +28,7 @@ from molmo_fast.eval.generation import finalize_task, generate_task
 from molmo_fast.eval.loss_mode import loss_task
 from molmo_fast.eval.tasks import Task, parse_tasks
 from molmo_fast.model.molmoe import MolmoE
+from molmo_fast.outdir import claim_output_dir
 from molmo_fast.runtime.checkpoints import checkpoint_step, resolve_checkpoint
 from molmo_fast.runtime.device import DTYPES, Env, barrier, init_distributed
 
@@ -97,12 +98,20 @@ def _prepare_task_dir(task_dir: Path, settings: dict, cfg: EvalConfig, rank: int
                 f.unlink()
         task_dir.mkdir(parents=True, exist_ok=True)
         if settings_file.is_file():
-            old = json.loads(settings_file.read_text())
-            if old != json.loads(json.dumps(settings)):
-                raise ValueError(f"{task_dir} holds results made with other settings; pass --overwrite or "
-                                 f"another --out (old {settings_file}: {old}, new: {settings})")
+            differ = settings_diff(json.loads(settings_file.read_text()), json.loads(json.dumps(settings)))
+            if differ:
+                raise ValueError(f"{task_dir} holds results made with other settings ({'; '.join(differ)}); pass "
+                                 f"--overwrite to replace them or choose another --out")
         settings_file.write_text(json.dumps(settings, indent=1) + "\n")
     barrier(world)
+
+
+def settings_diff(old: Any, new: Any, name: str = "") -> list[str]:
+    """`field was X, now Y` for every differing leaf of two settings dicts (nested fields dotted)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new), key=str)
+                for d in settings_diff(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{name}{key}.")]
+    return [] if old == new else [f"{name.rstrip('.')} was {old!r}, now {new!r}"]
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -124,6 +133,9 @@ def evaluate(model: MolmoE, pre: Preprocessor, cfg: EvalConfig, env: Env, source
     results on rank 0, [] on the others."""
     default_crops = pre.max_crops
     out_dir = Path(cfg.out)
+    if env.is_main:  # grows in place (a partial run resumes), but never in a directory of other files
+        claim_output_dir(out_dir, "eval", reuse=True, protected={cfg.checkpoint: "the checkpoint being evaluated",
+                                                                  cfg.data_dir: "the task data"})
     results = []
     for task in parse_tasks(cfg.tasks):
         knobs.set_max_crops(model, cfg.max_crops or task.max_crops or default_crops, pre)
