@@ -102,7 +102,9 @@ def _train(run_dir: Path, shards: Path) -> subprocess.CompletedProcess:
     params = {"TrainConfig.run_dir": repr(str(run_dir)), "DataConfig.shards": repr({"charts": str(shards)}),
               "DataConfig.sequence_length": 96, "DataConfig.num_workers": 0, "DataConfig.shuffle_buffer": 4,
               "TrainConfig.max_steps": 3, "TrainConfig.global_batch_size": 4, "TrainConfig.micro_batch_size": 4,
-              "TrainConfig.log_every": 1, "TrainConfig.checkpoint_every": 3, "TrainConfig.progress_bar": False}
+              "TrainConfig.log_every": 1, "TrainConfig.checkpoint_every": 3, "TrainConfig.progress_bar": False,
+              "OptimConfig.lr": "{'vit': 1e-3, 'connector': 1e-3, 'llm': 1e-3}",
+              "OptimConfig.warmup": "{'vit': 1, 'connector': 1, 'llm': 1}"}
     args = ["--gin_file", "gin/tiny.gin"] + [a for k, v in params.items() for a in ("--gin_param", f"{k} = {v}")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "molmo_fast.train", *args], cwd=REPO, env=env,

@@ -101,3 +101,17 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path, capsys):
     main([str(run_dir), str(out), "--overwrite"])  # our own earlier export: replaced, atomically
     assert MolmoE.from_pretrained(out).config.llm.vocab_size == 50280
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "old_release", "run", "user"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_generate_accepts_a_run_dir_like_eval(tmp_path, capsys):
+    from molmo_fast import generate
+
+    run_dir = _run_dir(tmp_path)
+    args = ["--prompt", "What is this?", "--max_new_tokens", "3", "--device", "cpu"]
+    from_run = generate.main(["--checkpoint", str(run_dir), *args])
+    exported = run_dir / "checkpoints" / "step_3" / "hf"  # exported once, where eval puts it
+    assert (exported / "config.json").is_file()
+    assert generate.main(["--checkpoint", str(exported), *args]) == from_run
+    with pytest.raises(FileNotFoundError, match="step 7"):
+        generate.main(["--checkpoint", str(run_dir), "--step", "7", *args])

@@ -26,7 +26,8 @@ def _argv(run_dir: Path, shards: Path, *extra: str, **bindings) -> list[str]:
               "DataConfig.sequence_length": 48, "DataConfig.num_workers": 0, "DataConfig.shuffle_buffer": 8,
               "TrainConfig.max_steps": 4, "TrainConfig.global_batch_size": 2, "TrainConfig.micro_batch_size": 2,
               "TrainConfig.log_every": 1, "TrainConfig.checkpoint_every": 2, "TrainConfig.progress_bar": False,
-              "TrainConfig.export_hf_at_end": False, **bindings}
+              "TrainConfig.export_hf_at_end": False, "OptimConfig.lr": "{'vit': 1e-3, 'connector': 1e-3, 'llm': 1e-3}",
+              "OptimConfig.warmup": "{'vit': 1, 'connector': 1, 'llm': 1}", **bindings}
     argv = ["--gin_file", str(REPO / "gin" / "tiny.gin")]
     for key, value in params.items():
         argv += ["--gin_param", f"{key} = {value}"]

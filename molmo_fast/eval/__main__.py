@@ -29,7 +29,8 @@ _SWITCHES = ("loss", "fsdp", "overwrite")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m molmo_fast.eval", description="Evaluate an HF checkpoint or a training run on eval tasks.",
+    p = argparse.ArgumentParser(prog="python -m molmo_fast.eval",
+                                description="Evaluate an HF checkpoint or a training run on eval tasks.",
                                 epilog="Flags left out keep the gin files' values, then EvalConfig's defaults.")
     p.add_argument("--gin_file", action="append", default=[],
                    help="gin file binding EvalConfig.* (e.g. gin/eval/synthetic.gin); repeatable, later ones win")

@@ -171,10 +171,11 @@ def shard_dirs(root: str, names: list) -> dict:
 @gin.configurable
 @dataclass
 class OptimConfig:
-    """AdamW over vit / connector / llm groups (REFERENCE.md §6 pre-training values by default)."""
+    """AdamW over vit / connector / llm groups. `lr` (peak) and `warmup` (steps) per group are the recipe's: every
+    gin recipe states them (gin/pixmo.gin has Molmo's pre-training values)."""
 
-    lr: dict = field(default_factory=lambda: {"connector": 2e-4, "vit": 6e-6, "llm": 2e-5})
-    warmup: dict = field(default_factory=lambda: {"connector": 200, "vit": 2000, "llm": 2000})
+    lr: dict = gin.REQUIRED
+    warmup: dict = gin.REQUIRED
     final_lr_ratio: float = 0.1
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-6
@@ -202,11 +203,12 @@ class OptimConfig:
 @gin.configurable
 @dataclass
 class TrainConfig:
-    """The loop: batch geometry, losses, precision/parallelism switches, cadences and the run directory."""
+    """The loop: batch geometry, losses, precision/parallelism switches, cadences and the run directory.
+    `run_dir`, `max_steps` and `global_batch_size` are the recipe's (required)."""
 
     run_dir: str = gin.REQUIRED
-    max_steps: int = 1000
-    global_batch_size: int = 128
+    max_steps: int = gin.REQUIRED
+    global_batch_size: int = gin.REQUIRED
     micro_batch_size: int = 4
     seed: int = 6198
     lm_zloss_weight: float = 1e-4

@@ -343,4 +343,8 @@ def _train(cfg: Config, env: Env, run_dir: Path, resume_path: Path | None, state
     if cfg.train.export_hf_at_end and start_step < cfg.train.max_steps:
         export_sharded_model(model, run_dir, run_dir / "hf", env.is_main, overwrite=True)
         dist.barrier()
+    if env.is_main:
+        print(f"molmo_fast.train: wrote {run_dir}/ (metrics.jsonl, tb/, checkpoints/"
+              f"{', eval/' if cfg.train.eval_every else ''}{', hf/' if cfg.train.export_hf_at_end else ''})",
+              flush=True)
     return metrics
