@@ -5,6 +5,7 @@ here: this module runs as `__main__`, and gin would register anything defined in
 """
 
 import argparse
+import errno
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> dict:
         return train(cfg, resume=args.resume, allow_changed=tuple(args.allow_changed))
     except TrainingDiverged as e:
         raise SystemExit(f"molmo_fast.train: {e}") from e
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # the checkpoint writer's message says which step, where and what is intact
+            raise SystemExit(f"molmo_fast.train: {e.strerror}") from e
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
