@@ -13,6 +13,21 @@ import torch.distributed as dist
 from molmo_fast.model.attention import KVCache
 
 
+def _check_lengths(model, input_ids: torch.Tensor, max_new_tokens: int | None) -> None:
+    """Refuses what would otherwise run silently wrong: a negative length, or a prompt plus answer longer than the
+    model's context. Syncs with the device only when the padded batch is already too long."""
+    n = max_new_tokens if max_new_tokens is not None else model.generation_config.get("max_new_tokens", 20)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"max_new_tokens = {n!r}, expected an int >= 0")
+    limit = model.config.llm.max_sequence_length
+    if input_ids.shape[1] + n > limit:
+        prompt = int((input_ids != -1).sum(-1).max())
+        if prompt + n > limit:
+            raise ValueError(f"a prompt of {prompt} tokens + max_new_tokens {n} = {prompt + n} tokens exceeds the "
+                             f"model's max_sequence_length {limit}: shorten the prompt (or use fewer image crops, "
+                             f"max_crops) or max_new_tokens")
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, images: torch.Tensor | None = None,
              image_masks: torch.Tensor | None = None, image_input_idx: torch.Tensor | None = None,
@@ -63,21 +78,6 @@ def generate(model, input_ids: torch.Tensor, images: torch.Tensor | None = None,
     if output_logits:
         return ids, torch.stack(step_logits, dim=1) if step_logits else logits.new_zeros(B, 0, logits.shape[-1])
     return ids
-
-
-def _check_lengths(model, input_ids: torch.Tensor, max_new_tokens: int | None) -> None:
-    """Refuses what would otherwise run silently wrong: a negative length, or a prompt plus answer longer than the
-    model's context. Syncs with the device only when the padded batch is already too long."""
-    n = max_new_tokens if max_new_tokens is not None else model.generation_config.get("max_new_tokens", 20)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"max_new_tokens = {n!r}, expected an int >= 0")
-    limit = model.config.llm.max_sequence_length
-    if input_ids.shape[1] + n > limit:
-        prompt = int((input_ids != -1).sum(-1).max())
-        if prompt + n > limit:
-            raise ValueError(f"a prompt of {prompt} tokens + max_new_tokens {n} = {prompt + n} tokens exceeds the "
-                             f"model's max_sequence_length {limit}: shorten the prompt (or use fewer image crops, "
-                             f"max_crops) or max_new_tokens")
 
 
 def _all_finished(finished: torch.Tensor, sync_ranks: bool, group: dist.ProcessGroup | None) -> bool:
