@@ -143,6 +143,9 @@ def test_eval_output_never_goes_into_other_files_or_above_its_inputs(checkpoint,
         with pytest.raises(OutputDirError, match=f"refusing to write an eval output {what}"):
             runner.run(_cfg(checkpoint, data_dir, out))
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    with pytest.raises(SystemExit, match=r"molmo_fast.eval: .*did not write \(it holds 1 entry: notes.txt\)"):
+        main(["--checkpoint", str(checkpoint), "--tasks", "synthetic_charts", "--out", str(tmp_path),
+              "--data_dir", str(data_dir)])
 
 
 def test_eval_config_types_are_checked(checkpoint, data_dir, tmp_path):

@@ -28,7 +28,7 @@ from molmo_fast.eval.generation import finalize_task, generate_task
 from molmo_fast.eval.loss_mode import loss_task
 from molmo_fast.eval.tasks import Task, parse_tasks
 from molmo_fast.model.molmoe import MolmoE
-from molmo_fast.outdir import claim_output_dir
+from molmo_fast.outdir import OutputDirError, claim_output_dir
 from molmo_fast.runtime.checkpoints import checkpoint_step, resolve_checkpoint
 from molmo_fast.runtime.device import DTYPES, Env, barrier, init_distributed
 
@@ -100,8 +100,8 @@ def _prepare_task_dir(task_dir: Path, settings: dict, cfg: EvalConfig, rank: int
         if settings_file.is_file():
             differ = settings_diff(json.loads(settings_file.read_text()), json.loads(json.dumps(settings)))
             if differ:
-                raise ValueError(f"{task_dir} holds results made with other settings ({'; '.join(differ)}); pass "
-                                 f"--overwrite to replace them or choose another --out")
+                raise OutputDirError(f"{task_dir} holds results made with other settings ({'; '.join(differ)}); "
+                                     f"pass --overwrite to replace them or choose another --out")
         settings_file.write_text(json.dumps(settings, indent=1) + "\n")
     barrier(world)
 
@@ -133,9 +133,8 @@ def evaluate(model: MolmoE, pre: Preprocessor, cfg: EvalConfig, env: Env, source
     results on rank 0, [] on the others."""
     default_crops = pre.max_crops
     out_dir = Path(cfg.out)
-    if env.is_main:  # grows in place (a partial run resumes), but never in a directory of other files
-        claim_output_dir(out_dir, "eval", reuse=True, protected={cfg.checkpoint: "the checkpoint being evaluated",
-                                                                  cfg.data_dir: "the task data"})
+    if env.is_main:
+        _claim_out(cfg)
     results = []
     for task in parse_tasks(cfg.tasks):
         knobs.set_max_crops(model, cfg.max_crops or task.max_crops or default_crops, pre)
@@ -164,10 +163,19 @@ def evaluate(model: MolmoE, pre: Preprocessor, cfg: EvalConfig, env: Env, source
     return results
 
 
+def _claim_out(cfg: EvalConfig) -> None:
+    """OUT grows in place (a partial run resumes), but never in a directory of other files, nor into or above
+    the checkpoint or the task data."""
+    claim_output_dir(cfg.out, "eval", reuse=True, protected={cfg.checkpoint: "the checkpoint being evaluated",
+                                                             cfg.data_dir: "the task data"})
+
+
 def run(cfg: EvalConfig) -> list[dict[str, Any]]:
     """Loads `cfg.checkpoint` and evaluates every task; files under `cfg.out`, TensorBoard under `cfg.out`/tb.
     Returns the per-task results (rank 0; other ranks get [])."""
     env = _distributed(cfg)
+    if env.is_main:  # before the (slow) model load; evaluate() repeats it for callers that come in there
+        _claim_out(cfg)
     model, pre, hf_dir = load_model(cfg, env.device, env.rank, env.world_size)
     step = checkpoint_step(hf_dir)
     results = evaluate(model, pre, cfg, env, str(hf_dir), step)
