@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from molmo_fast.typecheck import matches, type_name
+
 ASSETS = Path(__file__).parent / "assets"
 
 # HF keys whose value must be exactly this for our implementation to be the reference model.
@@ -147,13 +149,12 @@ class MolmoEConfig:
     # ---------------------------------------------------------------- HF config.json
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "MolmoEConfig":
-        def get(key, types, container=d, prefix=""):
+        def get(key, expected, container=d, prefix=""):
             if key not in container:
-                raise ValueError(f"{source}: missing field '{prefix}{key}' (expected {_type_names(types)})")
+                raise ValueError(f"{source}: missing field '{prefix}{key}' (expected {type_name(expected)})")
             value = container[key]
-            if not _is_instance(value, types):
-                raise ValueError(
-                    f"{source}: field '{prefix}{key}' = {value!r}, expected {_type_names(types)}")
+            if not matches(value, expected):
+                raise ValueError(f"{source}: field '{prefix}{key}' = {value!r}, expected {type_name(expected)}")
             return value
 
         def positive(key, container=d, prefix=""):
@@ -185,7 +186,7 @@ class MolmoEConfig:
             num_layers=positive("image_num_layers", vb, v),
             mlp_dim=positive("image_mlp_dim", vb, v),
             num_pos=positive("image_num_pos", vb, v),
-            norm_eps=float(get("image_norm_eps", (int, float), vb, v)),
+            norm_eps=float(get("image_norm_eps", float, vb, v)),
         )
         kv = vision.num_kv_heads
         if not isinstance(kv, int) or kv <= 0 or vision.num_heads % kv:
@@ -223,7 +224,7 @@ class MolmoEConfig:
         if embedding_size < vocab_size:
             raise ValueError(f"{source}: field 'embedding_size' = {embedding_size!r}, expected >= vocab_size "
                              f"{vocab_size}")
-        additional = get("additional_vocab_size", (int, type(None)))
+        additional = get("additional_vocab_size", int | None)
         llm = LLMConfig(
             d_model=d_model,
             n_heads=n_heads,
@@ -232,8 +233,8 @@ class MolmoEConfig:
             vocab_size=vocab_size,
             embedding_size=embedding_size,
             additional_vocab_size=additional or 0,
-            rope_theta=float(get("rope_theta", (int, float))),
-            norm_eps=float(get("layer_norm_eps", (int, float))),
+            rope_theta=float(get("rope_theta", float)),
+            norm_eps=float(get("layer_norm_eps", float)),
             max_sequence_length=positive("max_sequence_length"),
             pad_token_id=get("pad_token_id", int),
         )
@@ -252,12 +253,12 @@ class MolmoEConfig:
             num_experts=num_experts,
             top_k=top_k,
             hidden_size=mlp_hidden // 2,  # SwiGLU halves the configured hidden width
-            load_balancing_weight=float(get("moe_loss_weight", (int, float))),
-            z_loss_weight=float(get("moe_zloss_weight", (int, float))),
+            load_balancing_weight=float(get("moe_loss_weight", float)),
+            z_loss_weight=float(get("moe_zloss_weight", float)),
         )
         rates = {}
         for key, name in _DROPOUT_KEYS.items():
-            rate = get(key, (int, float)) if key in d else 0.0
+            rate = get(key, float) if key in d else 0.0
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{source}: field '{key}' = {rate!r}, expected a rate in [0, 1)")
             rates[name] = float(rate)
@@ -351,15 +352,3 @@ def _effective_kv_heads(d: dict[str, Any]):
 def _mlp_hidden(d: dict[str, Any]):
     """The SwiGLU input width before halving: `mlp_hidden_size` if set, else mlp_ratio * d_model."""
     return d["mlp_ratio"] * d["d_model"] if d.get("mlp_hidden_size") is None else d["mlp_hidden_size"]
-
-
-def _is_instance(value, types) -> bool:
-    types = types if isinstance(types, tuple) else (types,)
-    if isinstance(value, bool) and bool not in types:
-        return False
-    return isinstance(value, types)
-
-
-def _type_names(types) -> str:
-    types = types if isinstance(types, tuple) else (types,)
-    return " or ".join("null" if t is type(None) else t.__name__ for t in types)

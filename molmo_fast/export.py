@@ -5,6 +5,7 @@ What the output holds: see molmo_fast/runtime/export.py.
 
 import argparse
 
+from molmo_fast.outdir import OutputDirError
 from molmo_fast.runtime.export import export_run
 
 
@@ -13,8 +14,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", help="a molmo_fast training run directory (holds checkpoints/step_N)")
     parser.add_argument("out_dir", help="where to write the HF-layout model")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in OUT_DIR (never other files, never the run directory)")
     args = parser.parse_args(argv)
-    out = export_run(args.run_dir, args.out_dir, args.step)
+    try:
+        out = export_run(args.run_dir, args.out_dir, args.step, overwrite=args.overwrite)
+    except (OutputDirError, FileNotFoundError) as e:
+        raise SystemExit(f"molmo_fast.export: {e}") from None
     print(f"molmo_fast.export: wrote {out}")
 
 

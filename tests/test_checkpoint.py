@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -112,6 +113,48 @@ def test_wrong_shape_is_named(tiny_dir, tmp_path):
     key = "model.transformer.blocks.0.attn.att_proj.weight"
     path = _copy_with(tiny_dir, tmp_path, lambda t: t.update({key: t[key][:-1]}))
     with pytest.raises(ValueError, match=key.replace(".", r"\.") + r".*shape"):
+        MolmoE.from_pretrained(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny_dir, tmp_path, value):
+    key = "model.transformer.blocks.1.mlp.experts.5.down_proj.weight"
+
+    def poison(t):
+        t[key] = t[key].clone()
+        t[key][0, 0] = value
+
+    path = _copy_with(tiny_dir, tmp_path, poison)
+    with pytest.raises(ValueError, match=re.escape(f"model.safetensors: tensor {key!r} holds 1 NaN / inf values")):
+        MolmoE.from_pretrained(path)
+
+
+def test_integer_weights_are_refused_naming_the_tensor(tiny_dir, tmp_path):
+    key = "lm_head.weight"
+    path = _copy_with(tiny_dir, tmp_path, lambda t: t.update({key: t[key].to(torch.int64)}))
+    with pytest.raises(ValueError, match=re.escape(f"tensor {key!r} has dtype torch.int64, expected a floating")):
+        MolmoE.from_pretrained(path, dtype=torch.float32)
+
+
+def test_native_non_finite_weights_are_refused(model, tiny_dir):
+    native = to_native_state_dict(model.state_dict())
+    native["transformer.ln_f.weight"] = torch.full_like(native["transformer.ln_f.weight"], float("nan"))
+    with pytest.raises(ValueError, match=r"'transformer\.ln_f\.weight' holds \d+ NaN"):
+        MolmoE.from_native(native, MolmoEConfig.from_hf_json(tiny_dir))
+
+
+def test_truncated_safetensors_and_bad_json_name_the_file(tiny_dir, tmp_path):
+    path = _copy_with(tiny_dir, tmp_path, lambda t: None)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        MolmoE.from_pretrained(path)
+    (path / "model.safetensors").write_bytes(data)
+    (path / "generation_config.json").write_text('{"eos_token_id": 1,')
+    with pytest.raises(ValueError, match=r"generation_config\.json: cannot read the generation config"):
+        MolmoE.from_pretrained(path)
+    (path / "generation_config.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"generation_config\.json: the generation config must be a JSON object"):
         MolmoE.from_pretrained(path)
 
 

@@ -108,3 +108,17 @@ def test_bad_vision_field(tmp_path):
     d["vision_backbone"]["image_mlp_activations"] = "gelu"
     with pytest.raises(ValueError, match=r"vision_backbone\.image_mlp_activations.*'gelu'.*'quick_gelu'"):
         MolmoEConfig.from_hf_dict(d, source="x.json")
+
+
+def test_typecheck_matches_annotations():
+    from typing import Any
+
+    from molmo_fast.typecheck import matches, type_name
+
+    assert matches(1, float) and not matches(True, int) and not matches(1, bool) and not matches("1", int)
+    assert matches([1, 2], tuple[int, int]) and not matches((1,), tuple[int, int]) and matches((), tuple[int, ...])
+    assert matches({"a": 1}, dict[str, int]) and not matches({"a": "1"}, dict[str, int]) and matches({1: 2}, dict)
+    assert matches(None, int | None) and matches(["x"], str | list[str]) and not matches([1], str | list[str])
+    assert matches(object(), Any) and not matches(None, str)
+    assert type_name(int | list[int] | None) == "int or list[int] or None"
+    assert type_name(tuple[int, ...]) == "tuple[int, ...]"

@@ -103,16 +103,16 @@ def test_resume_rejects_changed_stream_settings(tmp_path):
     changed = {"batch_size": _cfg(batch_size=4), "epoch_batches": _cfg(epoch_batches=4),
                "shuffle_buffer": _cfg(shuffle_buffer=7), "num_workers": _cfg(num_workers=1)}
     for field, cfg in changed.items():
-        with pytest.raises(ValueError, match=rf"{field}: saved \d+, now \d+"):
+        with pytest.raises(ValueError, match=rf"{field} was \d+, now \d+"):
             TrainLoader(mix, fake_preprocess, cfg, rank=0, world_size=2).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"world_size: saved 2, now 1"):
+    with pytest.raises(ValueError, match=r"world_size was 2, now 1"):
         TrainLoader(mix, fake_preprocess, _cfg()).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"rates: saved .*, now .*0\.75"):
+    with pytest.raises(ValueError, match=r"rates was .*, now .*0\.75"):
         TrainLoader(Mixture({"a": a, "b": b}, {"a": 0.75, "b": 0.25}), fake_preprocess, _cfg(),
                     rank=0, world_size=2).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"shard_sets: saved") as err:
+    with pytest.raises(ValueError, match=r"shard_sets was") as err:
         TrainLoader(Mixture({"a": a}), fake_preprocess, _cfg(), rank=0, world_size=2).load_state_dict(state)
-    assert "rates: saved" in str(err.value)  # every mismatching field is named, not just the first
+    assert "rates was" in str(err.value)  # every mismatching field is named, not just the first
     old = {k: state[k] for k in ("step", "seed", "num_workers", "stats")}  # a state saved before these checks
     with pytest.raises(ValueError, match="lacks the stream settings"):
         TrainLoader(mix, fake_preprocess, _cfg(), rank=0, world_size=2).load_state_dict(old)
@@ -183,9 +183,11 @@ def test_train_loader_skips_and_counts_corrupt_samples(corrupt_set, caplog):
     assert loader.stats["corrupt"] >= 3 and loader.stats["examples"] == 75
     logged = caplog.text
     assert "corrupt" in logged and "JSONDecodeError" in logged and "Truncated" in logged  # never silent
+    # each lost sample is named by its shard and key, so it can be found and fixed
+    assert "shard-000002.tar, key 'c0001'" in logged and "shard-000002.tar, key 'c0002'" in logged
 
 
-def test_eval_loader_exactly_once_equal_length(corrupt_set, tmp_path):
+def test_eval_loader_exactly_once_equal_length(corrupt_set, tmp_path, caplog):
     data = _shard_set(tmp_path / "e", "e", 23, shard_size=4)
     per_rank, seen = [], []
     for rank in range(2):
@@ -199,7 +201,10 @@ def test_eval_loader_exactly_once_equal_length(corrupt_set, tmp_path):
     assert sorted(seen) == [f"e{i:04d}" for i in range(23)]
 
     loader = EvalLoader(corrupt_set, fake_preprocess, _cfg(batch_size=4), rank=0, world_size=1)
-    metas = [m for b in loader for m in b["metadata"]]
+    with caplog.at_level(logging.WARNING, logger="molmo_fast.data.loader"):
+        metas = [m for b in loader for m in b["metadata"]]
+    for lost in ("key 'c0001'", "key 'c0002'", "key 'c0003'"):
+        assert f"shard-000002.tar, {lost}" in caplog.text
     assert len(metas) == 16 and loader.num_samples == 16
     real = [m["id"] for m in metas if not m["padding"]]
     assert sorted(real) == sorted([f"g{i:04d}" for i in range(12)] + ["c0000"])

@@ -127,9 +127,30 @@ def test_resume_generates_only_missing_examples(checkpoint, data_dir, tmp_path, 
 
 def test_changed_settings_are_refused(checkpoint, data_dir, tmp_path):
     runner.run(_cfg(checkpoint, data_dir, tmp_path))
-    with pytest.raises(ValueError, match="other settings"):
-        runner.run(_cfg(checkpoint, data_dir, tmp_path, top_k=1))
+    with pytest.raises(ValueError, match=r"other settings \(max_new_tokens was 4, now 3; .*model\.moe_top_k was "
+                                         r"\[2, 2\], now \[1, 1\].*\); pass --overwrite"):
+        runner.run(_cfg(checkpoint, data_dir, tmp_path, top_k=1, max_new_tokens=3))
     assert runner.run(_cfg(checkpoint, data_dir, tmp_path, top_k=1, overwrite=True))[0]["n"] == N
+
+
+def test_eval_output_never_goes_into_other_files_or_above_its_inputs(checkpoint, data_dir, tmp_path):
+    from molmo_fast.outdir import OutputDirError
+
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(OutputDirError, match=r"did not write \(it holds 1 entry: notes.txt\)"):
+        runner.run(_cfg(checkpoint, data_dir, tmp_path))
+    for out, what in ((checkpoint, "into"), (checkpoint.parent, "above"), (data_dir, "into")):
+        with pytest.raises(OutputDirError, match=f"refusing to write an eval output {what}"):
+            runner.run(_cfg(checkpoint, data_dir, out))
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    with pytest.raises(SystemExit, match=r"molmo_fast.eval: .*did not write \(it holds 1 entry: notes.txt\)"):
+        main(["--checkpoint", str(checkpoint), "--tasks", "synthetic_charts", "--out", str(tmp_path),
+              "--data_dir", str(data_dir)])
+
+
+def test_eval_config_types_are_checked(checkpoint, data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"EvalConfig\.batch_size = '4': expected int, got str"):
+        _cfg(checkpoint, data_dir, tmp_path, batch_size="4")
 
 
 def test_results_of_another_shard_set_are_refused(checkpoint, data_dir, tmp_path):

@@ -70,6 +70,39 @@ def test_run_dirs_and_exports_carry_the_release_auto_map_and_generation_config(t
     assert model.generation_config == gen and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def _listing(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_export_never_deletes_what_it_did_not_write(tmp_path, capsys):
+    from molmo_fast.export import main
+
+    run_dir = _run_dir(tmp_path)
+    (run_dir / "metrics.jsonl").write_text('{"step": 3}\n')
+    before = _listing(tmp_path)
+    refused = r"molmo_fast.export: .*refusing to write an export output (into|above)"
+    for out in (run_dir, run_dir / "..", tmp_path):  # into the run dir itself, its parent, above that
+        for flags in ([], ["--overwrite"]):
+            with pytest.raises(SystemExit, match=refused):
+                main([str(run_dir), str(out), *flags])
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "paper.tex").write_text("keep")
+    with pytest.raises(SystemExit, match=r"did not write \(it holds 1 entry: paper.tex\)"):
+        main([str(run_dir), str(user), "--overwrite"])
+    assert _listing(tmp_path) == {**before, "user/paper.tex": b"keep"}
+
+    out = tmp_path / "hf"
+    main([str(run_dir), str(out)])
+    with pytest.raises(SystemExit, match="already holds a molmo_fast export output; pass --overwrite"):
+        main([str(run_dir), str(out)])
+    (out / "model.safetensors").write_bytes(b"stale")
+    main([str(run_dir), str(out), "--overwrite"])  # our own earlier export: replaced, atomically
+    assert MolmoE.from_pretrained(out).config.llm.vocab_size == 50280
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "old_release", "run", "user"]
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_generate_accepts_a_run_dir_like_eval(tmp_path, capsys):
     from molmo_fast import generate

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -75,6 +76,22 @@ def test_eos_stops_rows_and_pads(golden_model, golden_cases):
     # Both rows finished -> generation stops early, like HF generate.
     both = golden_model.generate(prompts[:1], max_new_tokens=8, eos_token_id=eos)
     assert both.shape[1] == prompts.shape[1] + 2
+
+
+def test_bad_lengths_are_refused_before_running(golden_model, golden_cases, monkeypatch):
+    prompt = golden_cases["text_only.input_ids"][None]
+    monkeypatch.setattr(golden_model.config.llm, "max_sequence_length", prompt.shape[1] + 4)  # a small context
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=re.escape(f"max_new_tokens = {bad!r}, expected an int >= 0")):
+            golden_model.generate(prompt, max_new_tokens=bad)
+    limit = golden_model.config.llm.max_sequence_length
+    long = torch.full((1, limit), 5)
+    with pytest.raises(ValueError, match=f"a prompt of {limit} tokens \\+ max_new_tokens 1 = {limit + 1} tokens "
+                                         f"exceeds the model's max_sequence_length {limit}"):
+        golden_model.generate(long, max_new_tokens=1)
+    # left padding does not count: a short prompt padded past the limit still runs
+    padded = torch.cat([torch.full((1, limit), -1), prompt], dim=1)
+    assert golden_model.generate(padded, max_new_tokens=1).shape == (1, limit + prompt.shape[1] + 1)
 
 
 def test_cli_answers(golden_dir, capsys):

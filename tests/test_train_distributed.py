@@ -130,7 +130,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_loss_sequence(tmp_path, shar
     proc = _run(args, script=KILL_AT_STEP.format(step=5), check=False)
     assert proc.returncode == -signal.SIGKILL
     assert max(_losses(run_dir)) == 4 and (run_dir / "checkpoints" / "step_4").is_dir()
-    with pytest.raises(AssertionError, match="already exists"):  # never clobbered without --resume
+    with pytest.raises(AssertionError, match="already holds a molmo_fast train_run output"):  # never clobbered
         _run(args)
     _run(args + ["--resume", "latest"])
     # Bit-identical, dropout included: weights, Adam state, data position and RNG all come back.

@@ -66,6 +66,28 @@ def test_bad_binding_fails_at_load_naming_it(binding, named, BASE):
         load_config([str(REPO / "gin" / "tiny.gin")], BASE + [binding])
 
 
+@pytest.mark.parametrize("binding, message", [
+    ("DataConfig.sequence_length = '48'", "DataConfig.sequence_length = '48': expected int, got str"),
+    ("DataConfig.max_crops = '1'", "DataConfig.max_crops = '1': expected int or None, got str"),
+    ("TrainConfig.bf16 = 'no'", "TrainConfig.bf16 = 'no': expected bool, got str"),
+    ("TrainConfig.max_steps = 10.0", "TrainConfig.max_steps = 10.0: expected int, got float"),
+    ("TrainConfig.compile = 1", "TrainConfig.compile = 1: expected bool, got int"),
+    ("DataConfig.seed = True", "DataConfig.seed = True: expected int, got bool"),
+    ("OptimConfig.final_lr_ratio = '0.1'", "OptimConfig.final_lr_ratio = '0.1': expected float, got str"),
+    ("ModelConfig.init_seed = None", "ModelConfig.init_seed = None: expected int, got NoneType"),
+    ("TrainConfig.peak_flops = '1e15'", "TrainConfig.peak_flops = '1e15': expected float or None, got str"),
+])
+def test_a_wrong_type_names_the_field_the_value_and_the_expected_type(binding, message, BASE):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        load_config([str(REPO / "gin" / "tiny.gin")], BASE + [binding])
+
+
+def test_numbers_in_their_natural_spelling_are_accepted(BASE):
+    cfg = load_config([str(REPO / "gin" / "tiny.gin")], BASE + [
+        "OptimConfig.final_lr_ratio = 0", "OptimConfig.betas = [0.9, 0.95]", "TrainConfig.peak_flops = 1000"])
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.final_lr_ratio == 0 and cfg.train.peak_flops == 1000
+
+
 def test_in_loop_validation_tasks_are_checked_at_load(BASE, tmp_path):
     every = "TrainConfig.eval_every = 5"
     with pytest.raises(SystemExit, match="TrainConfig.eval_tasks = 'chart_qa'.*python -m molmo_fast.data.build"):

@@ -14,6 +14,7 @@ import torch
 from molmo_fast.eval.config import DEVICE_FIELD, FIELD_HELP, EvalConfig
 from molmo_fast.eval.runner import run, summary_table
 from molmo_fast.eval.tasks import TASKS
+from molmo_fast.outdir import OutputDirError
 from molmo_fast.runtime.device import DTYPES, resolve_device, torchrun_env
 from molmo_fast.runtime.gin_files import parse_gin
 
@@ -77,7 +78,10 @@ def main(argv=None) -> list[dict]:
         parser.error(str(e))
     finally:
         gin.clear_config()
-    results = run(cfg)
+    try:
+        results = run(cfg)
+    except OutputDirError as e:  # an --out that holds other files or other settings' results
+        raise SystemExit(f"molmo_fast.eval: {e}") from None
     if results:
         print(summary_table(results))
         print(f"molmo_fast.eval: wrote {cfg.out}/ (per task: settings.json, predictions.jsonl, metrics.json; "

@@ -8,6 +8,7 @@ import gin
 from molmo_fast import knobs
 from molmo_fast.eval.tasks import parse_tasks
 from molmo_fast.runtime.device import DTYPES
+from molmo_fast.typecheck import check_fields
 
 DEVICE_FIELD = "EvalConfig.device (--device)"  # how device errors name the setting
 
@@ -37,6 +38,7 @@ class EvalConfig:
     synthetic_seed: int = 0  # held out from training by the split name ("validation"), not the seed
 
     def __post_init__(self):
+        check_fields(self)
         if not self.checkpoint:
             raise ValueError("EvalConfig.checkpoint is required (an HF checkpoint dir or a training run dir)")
         if not self.tasks:

@@ -28,6 +28,7 @@ from molmo_fast.eval.generation import finalize_task, generate_task
 from molmo_fast.eval.loss_mode import loss_task
 from molmo_fast.eval.tasks import Task, parse_tasks
 from molmo_fast.model.molmoe import MolmoE
+from molmo_fast.outdir import OutputDirError, claim_output_dir
 from molmo_fast.runtime.checkpoints import checkpoint_step, resolve_checkpoint
 from molmo_fast.runtime.device import DTYPES, Env, barrier, init_distributed
 
@@ -64,11 +65,14 @@ def load_model(cfg: EvalConfig, device: torch.device, rank: int = 0, world: int 
 def _shard_dir(task: Task, cfg: EvalConfig, rank: int, world: int) -> Path:
     shard_dir = Path(cfg.data_dir) / task.source / task.split
     if task.synthetic_size:
-        if rank == 0:
-            from molmo_fast.data.sources.synthetic import ensure_synthetic_shards
+        from molmo_fast.data.sources.synthetic import shared_synthetic_set
 
-            ensure_synthetic_shards(shard_dir, task.source, task.synthetic_size, cfg.synthetic_seed, split=task.split)
+        if rank == 0:
+            shared_synthetic_set(cfg.data_dir, task.source, task.synthetic_size, cfg.synthetic_seed, task.split)
         barrier(world)
+        # rank 0 built it: on every rank this only finds it
+        shard_dir = shared_synthetic_set(cfg.data_dir, task.source, task.synthetic_size, cfg.synthetic_seed,
+                                         task.split)
     if not (shard_dir / "sizes.json").is_file():
         raise FileNotFoundError(f"task {task.name!r}: no shard set at {shard_dir}; build it with "
                                 f"python -m molmo_fast.data.build --source {task.source} --split {task.split} "
@@ -94,12 +98,20 @@ def _prepare_task_dir(task_dir: Path, settings: dict, cfg: EvalConfig, rank: int
                 f.unlink()
         task_dir.mkdir(parents=True, exist_ok=True)
         if settings_file.is_file():
-            old = json.loads(settings_file.read_text())
-            if old != json.loads(json.dumps(settings)):
-                raise ValueError(f"{task_dir} holds results made with other settings; pass --overwrite or "
-                                 f"another --out (old {settings_file}: {old}, new: {settings})")
+            differ = settings_diff(json.loads(settings_file.read_text()), json.loads(json.dumps(settings)))
+            if differ:
+                raise OutputDirError(f"{task_dir} holds results made with other settings ({'; '.join(differ)}); "
+                                     f"pass --overwrite to replace them or choose another --out")
         settings_file.write_text(json.dumps(settings, indent=1) + "\n")
     barrier(world)
+
+
+def settings_diff(old: Any, new: Any, name: str = "") -> list[str]:
+    """`field was X, now Y` for every differing leaf of two settings dicts (nested fields dotted)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new), key=str)
+                for d in settings_diff(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{name}{key}.")]
+    return [] if old == new else [f"{name.rstrip('.')} was {old!r}, now {new!r}"]
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -121,6 +133,8 @@ def evaluate(model: MolmoE, pre: Preprocessor, cfg: EvalConfig, env: Env, source
     results on rank 0, [] on the others."""
     default_crops = pre.max_crops
     out_dir = Path(cfg.out)
+    if env.is_main:
+        _claim_out(cfg)
     results = []
     for task in parse_tasks(cfg.tasks):
         knobs.set_max_crops(model, cfg.max_crops or task.max_crops or default_crops, pre)
@@ -149,10 +163,19 @@ def evaluate(model: MolmoE, pre: Preprocessor, cfg: EvalConfig, env: Env, source
     return results
 
 
+def _claim_out(cfg: EvalConfig) -> None:
+    """OUT grows in place (a partial run resumes), but never in a directory of other files, nor into or above
+    the checkpoint or the task data."""
+    claim_output_dir(cfg.out, "eval", reuse=True, protected={cfg.checkpoint: "the checkpoint being evaluated",
+                                                             cfg.data_dir: "the task data"})
+
+
 def run(cfg: EvalConfig) -> list[dict[str, Any]]:
     """Loads `cfg.checkpoint` and evaluates every task; files under `cfg.out`, TensorBoard under `cfg.out`/tb.
     Returns the per-task results (rank 0; other ranks get [])."""
     env = _distributed(cfg)
+    if env.is_main:  # before the (slow) model load; evaluate() repeats it for callers that come in there
+        _claim_out(cfg)
     model, pre, hf_dir = load_model(cfg, env.device, env.rank, env.world_size)
     step = checkpoint_step(hf_dir)
     results = evaluate(model, pre, cfg, env, str(hf_dir), step)

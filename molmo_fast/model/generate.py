@@ -13,6 +13,21 @@ import torch.distributed as dist
 from molmo_fast.model.attention import KVCache
 
 
+def _check_lengths(model, input_ids: torch.Tensor, max_new_tokens: int | None) -> None:
+    """Refuses what would otherwise run silently wrong: a negative length, or a prompt plus answer longer than the
+    model's context. Syncs with the device only when the padded batch is already too long."""
+    n = max_new_tokens if max_new_tokens is not None else model.generation_config.get("max_new_tokens", 20)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"max_new_tokens = {n!r}, expected an int >= 0")
+    limit = model.config.llm.max_sequence_length
+    if input_ids.shape[1] + n > limit:
+        prompt = int((input_ids != -1).sum(-1).max())
+        if prompt + n > limit:
+            raise ValueError(f"a prompt of {prompt} tokens + max_new_tokens {n} = {prompt + n} tokens exceeds the "
+                             f"model's max_sequence_length {limit}: shorten the prompt (or use fewer image crops, "
+                             f"max_crops) or max_new_tokens")
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, images: torch.Tensor | None = None,
              image_masks: torch.Tensor | None = None, image_input_idx: torch.Tensor | None = None,
@@ -26,6 +41,8 @@ def generate(model, input_ids: torch.Tensor, images: torch.Tensor | None = None,
     to the world) all-reduces the "all rows finished" flag every step, so every rank returns the same n."""
     if sync_ranks and not dist.is_initialized():
         raise ValueError("generate(sync_ranks=True) needs an initialised torch.distributed process group")
+
+    _check_lengths(model, input_ids, max_new_tokens)
     gen_cfg = model.generation_config
     eos = eos_token_id if eos_token_id is not None else gen_cfg.get("eos_token_id")
     pad = pad_token_id if pad_token_id is not None else gen_cfg.get("pad_token_id", model.config.llm.pad_token_id)

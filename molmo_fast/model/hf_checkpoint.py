@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 _V = "model.vision_backbone."
@@ -82,6 +82,35 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def check_weight(t: torch.Tensor, name: str, source: str | Path) -> None:
+    """Every parameter is a float: an integer tensor or a NaN / inf value is a broken checkpoint, refused by name
+    before it can turn every output into NaN."""
+    if not t.is_floating_point():
+        raise CheckpointMismatchError(f"{source}: tensor {name!r} has dtype {t.dtype}, expected a floating-point "
+                                      f"dtype")
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointMismatchError(f"{source}: tensor {name!r} holds {bad} NaN / inf values of {t.numel()}")
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    """A JSON object file of a checkpoint; errors name the file and what it is for."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the {what} ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: the {what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _open(path: Path):
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:  # e.g. a truncated download: the header promises more than the file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
 def match_template(key: str, templates) -> tuple[str, tuple[str, ...]]:
     """The template in `templates` that `key` instantiates, with the values of its `{}` placeholders."""
     for template in templates:
@@ -97,10 +126,12 @@ class SafetensorsReader:
     def __init__(self, directory: str | Path):
         directory = Path(directory)
         if (directory / INDEX_FILE).exists():
-            weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+            weight_map = read_json(directory / INDEX_FILE, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{directory / INDEX_FILE}: expected a 'weight_map' object of tensor -> file")
             files = {name: directory / shard for name, shard in weight_map.items()}
         elif (directory / SINGLE_FILE).exists():
-            with safe_open(directory / SINGLE_FILE, framework="pt") as f:
+            with _open(directory / SINGLE_FILE) as f:
                 files = {name: directory / SINGLE_FILE for name in f.keys()}
         else:
             raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
@@ -115,7 +146,9 @@ class SafetensorsReader:
             raise CheckpointMismatchError(f"checkpoint is missing tensor {key!r}")
         path = self.files[key]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: listed for tensor {key!r} by {INDEX_FILE}, but missing")
+            self._handles[path] = _open(path)
         return self._handles[path]
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -137,6 +170,7 @@ def load_hf_state_dict(param_shapes: dict[str, torch.Size], reader, dtype=None, 
                 f"checkpoint tensor {hf_key!r} has shape {list(got)}, expected {list(want_shape)}")
         consumed.add(hf_key)
         t = reader.get(hf_key)
+        check_weight(t, hf_key, reader.files[hf_key])
         return t.to(device=device, dtype=dtype or t.dtype)
 
     for name, shape in param_shapes.items():

@@ -16,7 +16,7 @@ from molmo_fast.config import MolmoEConfig
 from molmo_fast.model.attention import KVCache, RMSNorm
 from molmo_fast.model.connector import Connector
 from molmo_fast.model.generate import generate
-from molmo_fast.model.hf_checkpoint import SafetensorsReader, load_hf_state_dict, save_hf_safetensors
+from molmo_fast.model.hf_checkpoint import SafetensorsReader, load_hf_state_dict, read_json, save_hf_safetensors
 from molmo_fast.model.llm import LLM
 from molmo_fast.model.vit import VisionTransformer
 
@@ -163,7 +163,7 @@ class MolmoE(nn.Module):
         model._assign(load_hf_state_dict(shapes, SafetensorsReader(path), dtype, device))
         gen_path = path / "generation_config.json"
         if gen_path.exists():
-            model.generation_config = json.loads(gen_path.read_text())
+            model.generation_config = read_json(gen_path, "generation config")
         return model
 
     @classmethod

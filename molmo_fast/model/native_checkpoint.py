@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from molmo_fast.model.hf_checkpoint import HF_KEY_MAP, CheckpointMismatchError, match_template
+from molmo_fast.model.hf_checkpoint import HF_KEY_MAP, CheckpointMismatchError, check_weight, match_template
 
 _B = "transformer.blocks.{}."
 NATIVE_KEY_MAP: dict[str, str] = {
@@ -53,6 +53,7 @@ def load_native_state_dict(param_shapes: dict[str, torch.Size], source: str | Pa
         if tuple(t.shape) != tuple(want_shape):
             raise CheckpointMismatchError(
                 f"native tensor {key!r} has shape {list(t.shape)}, expected {list(want_shape)}")
+        check_weight(t, key, "native checkpoint" if isinstance(source, dict) else source)
         return t.to(device=device, dtype=dtype or t.dtype)
 
     state = {}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from molmo_fast.outdir import atomic_output_dir, check_output_dir
 from molmo_fast.runtime.checkpoints import find_checkpoint
 
 # The processor classes of the released molmoe-1b's remote code, under the module names it ships them in: HF's
@@ -38,27 +39,37 @@ def write_preprocessor_config(pp: dict, path: Path) -> None:
     path.write_text(json.dumps({**pp, "auto_map": HF_AUTO_MAP}, indent=2, sort_keys=True) + "\n")
 
 
-def write_hf_dir(model: nn.Module, preprocessor_dir: Path, out_dir: Path) -> Path:
-    """Writes `model` (unsharded, on CPU) plus the preprocessing files of `preprocessor_dir` to `out_dir`,
-    atomically (a temp sibling renamed into place)."""
+def check_export_dir(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Raises `molmo_fast.outdir.OutputDirError` unless `out_dir` may receive an export of `run_dir`: never the
+    run dir itself or a directory above it, never a directory of someone else's files; our own earlier export
+    only with `overwrite`. Writes nothing."""
+    return check_output_dir(out_dir, "export", protected=_protected(run_dir), overwrite=overwrite)
+
+
+def _protected(run_dir: str | Path) -> dict:
+    return {run_dir: "the run directory being exported"}
+
+
+def write_hf_dir(model: nn.Module, run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """Writes `model` (unsharded, on CPU) plus the run's preprocessing files to `out_dir`, atomically (a temp
+    sibling renamed into place; the rules of `check_export_dir`)."""
     from molmo_fast.data.tokenizer import Tokenizer
 
+    preprocessor_dir = run_dir / "preprocessor"
     tokenizer = Tokenizer.from_dir(preprocessor_dir)
     model.generation_config = generation_config(tokenizer.eos_id, tokenizer.pad_id)
-    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for f in preprocessor_dir.iterdir():
-        if f.name == "preprocessor_config.json":  # run dirs written before the auto_map fix get it here
-            write_preprocessor_config(json.loads(f.read_text()), tmp / f.name)
-        else:
-            shutil.copyfile(f, tmp / f.name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_output_dir(out_dir, "export", protected=_protected(run_dir), overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        for f in preprocessor_dir.iterdir():
+            if f.name == "preprocessor_config.json":  # run dirs written before the auto_map fix get it here
+                write_preprocessor_config(json.loads(f.read_text()), tmp / f.name)
+            else:
+                shutil.copyfile(f, tmp / f.name)
     return out_dir
 
 
-def export_sharded_model(model: nn.Module, run_dir: str | Path, out_dir: str | Path, is_main: bool) -> None:
+def export_sharded_model(model: nn.Module, run_dir: str | Path, out_dir: str | Path, is_main: bool,
+                         overwrite: bool = False) -> None:
     """Collective: gathers a FSDP-sharded model on rank 0's CPU and writes it there."""
     from molmo_fast.model.molmoe import MolmoE
 
@@ -67,23 +78,23 @@ def export_sharded_model(model: nn.Module, run_dir: str | Path, out_dir: str | P
         cpu_model = MolmoE.from_config_on_meta(model.config)
         cpu_model.load_state_dict(full_sd, strict=True, assign=True)
         cpu_model.reset_runtime_buffers()
-        write_hf_dir(cpu_model, Path(run_dir) / "preprocessor", Path(out_dir))
+        write_hf_dir(cpu_model, Path(run_dir), Path(out_dir), overwrite)
 
 
 @torch.no_grad()
-def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None, overwrite: bool = False) -> Path:
     """Single process: reads a DCP checkpoint of `run_dir` (latest, or `step`) and writes the HF layout."""
-    import torch.distributed.checkpoint as dcp
-
     from molmo_fast.config import MolmoEConfig
     from molmo_fast.model.molmoe import MolmoE
+    from molmo_fast.runtime.dcp_load import dcp_load
 
     run_dir = Path(run_dir)
+    check_export_dir(run_dir, out_dir, overwrite)  # before the (slow) load
     ckpt_dir = find_checkpoint(run_dir, step)
     model = MolmoE(MolmoEConfig.from_hf_json(run_dir / "model_config.json"))
     state = {"model": model.state_dict()}
     # Without a process group DCP loads in place, resharding whatever world size wrote the checkpoint.
-    dcp.load(state, checkpoint_id=str(ckpt_dir))
+    dcp_load(state, ckpt_dir)
     model.load_state_dict(state["model"], strict=True)
     model.reset_runtime_buffers()
-    return write_hf_dir(model, run_dir / "preprocessor", Path(out_dir))
+    return write_hf_dir(model, run_dir, Path(out_dir), overwrite)

@@ -16,6 +16,7 @@ from molmo_fast import kernels
 from molmo_fast.eval.config import EvalConfig
 from molmo_fast.eval.tasks import parse_tasks
 from molmo_fast.runtime.gin_files import parse_gin
+from molmo_fast.typecheck import check_fields
 
 # The optimizer's parameter groups (molmo_fast/train/optim.py), keys of OptimConfig.lr / warmup.
 GROUPS = ("vit", "connector", "llm")
@@ -48,6 +49,7 @@ class ModelConfig:
     moe_impl: str = "auto"
 
     def __post_init__(self):
+        check_fields(self)
         from molmo_fast.model.molmoe import INIT_SCHEMES
 
         _require(self.init_scheme in INIT_SCHEMES, "ModelConfig", "init_scheme", self.init_scheme,
@@ -115,6 +117,7 @@ class DataConfig:
     world_independent: bool = False
 
     def __post_init__(self):
+        check_fields(self)
         names = set(self.shards) | set(self.synthetic)
         _require(bool(names), "DataConfig", "shards", self.shards,
                  "at least one shard directory (or DataConfig.synthetic)")
@@ -184,6 +187,7 @@ class OptimConfig:
     vit_params: tuple = ("vit.*",)
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("lr", "warmup"):
             value = getattr(self, name)
             _require(set(value) == set(GROUPS), "OptimConfig", name, value,
@@ -234,6 +238,7 @@ class TrainConfig:
     eval_data_dir: str = "data"
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every",
                      "keep_last"):
             value = getattr(self, name)

@@ -15,11 +15,10 @@ from molmo_fast.train.config import DataConfig
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "special_tokens.json")
 
 
-def write_preprocessor_dir(cfg: DataConfig, out_dir: str | Path) -> Path:
-    """Copies the preprocessor release files into `out_dir` with `image_overrides` applied, so the run dir (and
-    every export of it) carries the exact preprocessing it was trained with."""
-    src, out_dir = Path(cfg.preprocessor), Path(out_dir)
-    config_file = src / "preprocessor_config.json"
+def preprocessor_config(cfg: DataConfig) -> dict:
+    """The release's preprocessor_config.json with `image_overrides` and `max_crops` applied; errors name the
+    field. Reads only, so the trainer checks it before writing anything."""
+    config_file = Path(cfg.preprocessor) / "preprocessor_config.json"
     if not config_file.is_file():
         raise ValueError(f"DataConfig.preprocessor = {cfg.preprocessor!r}: expected a directory with "
                          f"preprocessor_config.json")
@@ -30,6 +29,14 @@ def write_preprocessor_dir(cfg: DataConfig, out_dir: str | Path) -> Path:
         pp[key] = list(value) if isinstance(value, tuple) else value
     if cfg.max_crops is not None:
         pp["max_crops"] = cfg.max_crops
+    return pp
+
+
+def write_preprocessor_dir(cfg: DataConfig, out_dir: str | Path) -> Path:
+    """Copies the preprocessor release files into `out_dir` with `image_overrides` applied, so the run dir (and
+    every export of it) carries the exact preprocessing it was trained with."""
+    src, out_dir = Path(cfg.preprocessor), Path(out_dir)
+    pp = preprocessor_config(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_preprocessor_config(pp, out_dir / "preprocessor_config.json")
     for name in _TOKENIZER_FILES:
@@ -44,11 +51,9 @@ def build_mixture(cfg: DataConfig):
 
     dirs = {name: str(path) for name, path in cfg.shards.items()}
     for source, n in cfg.synthetic.items():
-        from molmo_fast.data.sources.synthetic import ensure_synthetic_shards
+        from molmo_fast.data.sources.synthetic import shared_synthetic_set
 
-        out = Path(cfg.synthetic_dir) / source
-        ensure_synthetic_shards(out, source, n, cfg.synthetic_seed)
-        dirs[source] = str(out)
+        dirs[source] = str(shared_synthetic_set(cfg.synthetic_dir, source, n, cfg.synthetic_seed))
     missing = [f"{n}={d}" for n, d in dirs.items() if not Path(d).is_dir()]
     if missing:
         raise ValueError(f"DataConfig.shards: no shard directory at {missing}")
@@ -62,7 +67,8 @@ class TrainData:
     """`next_step()` -> list of `grad_accum` micro-batches for this rank; `stats()` -> data counters to log."""
 
     def __init__(self, cfg: DataConfig, preprocessor_dir: str | Path, rank: int, world_size: int,
-                 micro_batch_size: int, grad_accum: int, start_step: int):
+                 micro_batch_size: int, grad_accum: int, start_step: int, loader_state: dict | None = None,
+                 stream_changed: bool = False):
         from molmo_fast.data.loader import LoaderConfig, TrainLoader
         from molmo_fast.data.preprocessor import Preprocessor
 
@@ -78,6 +84,8 @@ class TrainData:
                                   max_crops=preprocessor.max_crops + 1, seed=cfg.seed, num_workers=cfg.num_workers,
                                   shuffle_buffer=cfg.shuffle_buffer)
         self.loader = TrainLoader(build_mixture(cfg), preprocessor, loader_cfg, rank, world_size, start_step)
+        if loader_state is not None:  # a resume: refuses a stream that differs from the checkpointed one
+            self.loader.load_state_dict(loader_state, check=not stream_changed)
         self._it = iter(self.loader)
 
     def next_step(self) -> list[dict]:

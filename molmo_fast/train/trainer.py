@@ -8,6 +8,7 @@ world size or accumulation split. The LM z-loss and the MoE aux losses use the s
 
 import math
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +18,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from molmo_fast.runtime.checkpoints import checkpoint_dirs, find_checkpoint
+from molmo_fast.outdir import OutputDirError, check_output_dir, claim_output_dir, remove_own_output
+from molmo_fast.runtime.checkpoints import checkpoint_dirs
 from molmo_fast.runtime.device import Env, init_distributed, to_device
-from molmo_fast.runtime.export import export_sharded_model
+from molmo_fast.runtime.export import check_export_dir, export_sharded_model
 from molmo_fast.runtime.loss import loss_positions, masked_token_sums
 from molmo_fast.runtime.parallelize import parallelize
 from molmo_fast.train import checkpoint as ckpt
 from molmo_fast.train.config import Config
-from molmo_fast.train.data import TrainData, build_mixture, write_preprocessor_dir
+from molmo_fast.train.data import TrainData, build_mixture, preprocessor_config, write_preprocessor_dir
 from molmo_fast.train.metrics import StepReporter
 from molmo_fast.train.optim import build_optimizer, clip_grad_norms, set_learning_rates
+from molmo_fast.train.resume import check_resume, config_record, find_resume_target, record_changes
 from molmo_fast.train.validation import validate
 
 
@@ -45,35 +48,66 @@ def git_revision() -> str:
         return "unknown"
 
 
-def resume_target(cfg: Config, resume: str | None) -> Path | None:
-    """The checkpoint directory `--resume` names: "latest" (the run dir's newest complete checkpoint) or a path."""
-    if not resume:
-        return None
-    return find_checkpoint(cfg.train.run_dir) if resume == "latest" else Path(resume)
+def preflight(cfg: Config, env: Env) -> None:
+    """Everything about the configuration that can fail, checked before the run dir is touched."""
+    from molmo_fast.data.image_preprocessing import ImageConfig
+
+    run_dir = Path(cfg.train.run_dir)
+    try:
+        cfg.train.grad_accum_steps(env.world_size)
+        limit = cfg.model.build_config().llm.max_sequence_length
+        if cfg.data.sequence_length > limit:
+            raise ValueError(f"DataConfig.sequence_length = {cfg.data.sequence_length}: expected at most the "
+                             f"model's max_sequence_length {limit}")
+        ImageConfig.from_dict(preprocessor_config(cfg.data), source="DataConfig.preprocessor + image_overrides")
+        if cfg.train.export_hf_at_end:
+            check_export_dir(run_dir, run_dir / "hf", overwrite=True)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"molmo_fast.train: bad configuration: {e}") from None
 
 
-def prepare_run_dir(cfg: Config, env: Env, resuming: bool) -> Path:
-    """Never overwrites a run: an existing non-empty run dir is an error unless resuming.
+def _run_dir_problem(run_dir: Path, resuming: bool) -> str | None:
+    if resuming or checkpoint_dirs(run_dir):
+        hint = "pass --resume latest to continue it, or choose another TrainConfig.run_dir"
+    else:
+        hint = "it has no checkpoint to resume: remove it or choose another TrainConfig.run_dir"
+    try:
+        check_output_dir(run_dir, "train_run", reuse=resuming, overwrite_hint=hint)
+    except OutputDirError as e:
+        return f"molmo_fast.train: {e}"
+    return None
+
+
+def prepare_run_dir(cfg: Config, env: Env, resume_state: dict | None, changes: list) -> bool:
+    """Claims the run dir (molmo_fast.outdir: never one holding other files, a new run never an existing one)
+    and writes its description; returns whether this call created the run.
 
     The run dir describes itself: config.gin (every binding), operative_config.gin (after the first step),
-    git_revision.txt, model_config.json (HF format) and preprocessor/ (the exact preprocessing files)."""
+    git_revision.txt, model_config.json (HF format) and preprocessor/ (the exact preprocessing files); settings
+    changed on resume (`--allow_changed`) rewrite them, keeping the old ones under config_history/."""
     run_dir = Path(cfg.train.run_dir)
+    resuming = resume_state is not None
     # Rank 0's view, taken before anyone writes, decides for all ranks.
-    exists = [run_dir.is_dir() and any(run_dir.iterdir())]
-    dist.broadcast_object_list(exists, src=0)
-    if exists[0] and not resuming:
-        raise SystemExit(f"molmo_fast.train: run directory {run_dir} already exists; pass --resume latest to "
-                         f"continue it or choose another TrainConfig.run_dir")
+    verdict = [None, False]
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "config.gin").exists():
-            (run_dir / "config.gin").write_text(cfg.gin_config)
-        (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
+        verdict = [_run_dir_problem(run_dir, resuming), not run_dir.is_dir() or not any(run_dir.iterdir())]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise SystemExit(verdict[0])
+    if env.is_main:
+        claim_output_dir(run_dir, "train_run", reuse=resuming)
         if not resuming:
+            (run_dir / "config.gin").write_text(cfg.gin_config)
             cfg.model.build_config().to_hf_json(run_dir / "model_config.json")
             write_preprocessor_dir(cfg.data, run_dir / "preprocessor")
+        elif changes:
+            for name, old, new in changes:
+                print(f"molmo_fast.train: resuming with {name} changed from {old!r} to {new!r} (--allow_changed)",
+                      flush=True)
+            record_changes(run_dir, resume_state["step"], changes, cfg)
+        (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
     dist.barrier()
-    return run_dir
+    return bool(verdict[1])
 
 
 def build_model(cfg: Config, env: Env) -> nn.Module:
@@ -222,27 +256,51 @@ def _due(step: int, every: int, last: bool) -> bool:
     return every > 0 and (step % every == 0 or last)
 
 
-def train(cfg: Config, resume: str | None = None) -> dict:
-    """Runs (or resumes) a training job; returns the final step's metrics. `resume`: "latest" or a checkpoint dir."""
+def train(cfg: Config, resume: str | None = None, allow_changed: tuple[str, ...] = ()) -> dict:
+    """Runs (or resumes) a training job; returns the final step's metrics. `resume`: "latest" or a checkpoint dir;
+    `allow_changed`: Class.field names whose change since the checkpoint is accepted (molmo_fast/train/resume.py).
+
+    The whole configuration and the resume target are checked before anything is written; a run that fails
+    before its first step removes the run directory it created, so the retry starts clean."""
     env = init_distributed(always_group=True)
     torch.manual_seed(cfg.train.seed)
-    resume_path = resume_target(cfg, resume)
-    run_dir = prepare_run_dir(cfg, env, resuming=resume is not None)
-    grad_accum = cfg.train.grad_accum_steps(env.world_size)
-
-    model = build_model(cfg, env)
-    optimizer, by_group = build_optimizer(model, cfg.optim)
-    start_step, state = 0, {}
-    if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path, model, optimizer)
-        start_step = state["step"]
-    else:
-        torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank; the weights were broadcast
+    run_dir = Path(cfg.train.run_dir)
+    resume_path, state, changes = None, None, []
+    if resume:
+        resume_path = find_resume_target(run_dir, resume)
+        state, changes = check_resume(resume_path, cfg, list(allow_changed))
+    preflight(cfg, env)
     if env.is_main:  # generate missing synthetic shard sets once, before every rank opens them
         build_mixture(cfg.data)
     dist.barrier()
-    data = TrainData(cfg.data, run_dir / "preprocessor", env.rank, env.world_size, cfg.train.micro_batch_size,
-                     grad_accum, start_step)
+    created = prepare_run_dir(cfg, env, state, changes)
+    steps_done = [0]
+    try:
+        stream_changed = any(name.startswith("DataConfig.") or name == "TrainConfig.global_batch_size"
+                             for name, _, _ in changes)
+        return _train(cfg, env, run_dir, resume_path, state or {}, stream_changed, steps_done)
+    except BaseException:
+        if created and env.is_main and steps_done[0] == 0 and remove_own_output(run_dir, "train_run"):
+            print(f"molmo_fast.train: the run failed before its first step; removed {run_dir}", file=sys.stderr)
+        raise
+
+
+def _train(cfg: Config, env: Env, run_dir: Path, resume_path: Path | None, state: dict, stream_changed: bool,
+           steps_done: list) -> dict:
+    grad_accum = cfg.train.grad_accum_steps(env.world_size)
+    model = build_model(cfg, env)
+    optimizer, by_group = build_optimizer(model, cfg.optim)
+    start_step = 0
+    if resume_path is not None:
+        ckpt.load_checkpoint(resume_path, model, optimizer)
+        start_step = state["step"]
+    else:
+        torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank; the weights were broadcast
+    try:  # the loader checks its own stream settings (shard files, world size) against the checkpoint's
+        data = TrainData(cfg.data, run_dir / "preprocessor", env.rank, env.world_size, cfg.train.micro_batch_size,
+                         grad_accum, start_step, loader_state=state.get("data"), stream_changed=stream_changed)
+    except ValueError as e:
+        raise SystemExit(f"molmo_fast.train: cannot resume {resume_path} exactly: {e}") from None
     report = StepReporter(model, cfg, env, run_dir, start_step, resumed=resume_path is not None)
     if env.is_main and start_step == 0:
         print(f"molmo_fast.train: {env.world_size} rank(s), global batch {cfg.train.global_batch_size} = "
@@ -266,6 +324,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             found = checkpoint_dirs(run_dir)
             keep = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written yet"
             raise TrainingDiverged(f"{e}, {keep}") from None
+        steps_done[0] += 1
         tokens_seen += out.tokens
         report.step(micro_batches, out)
         if log_now:
@@ -277,11 +336,12 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         if _due(step, cfg.train.eval_every, last):
             report.log_eval(step, validate(model, cfg, env, run_dir, step))
         if _due(step, cfg.train.checkpoint_every, last):
-            ckpt.save_checkpoint(run_dir, step, model, optimizer, {"tokens_seen": tokens_seen}, cfg.train.keep_last)
+            train_state = {"tokens_seen": tokens_seen, "config": config_record(cfg), "data": data.loader.state_dict()}
+            ckpt.save_checkpoint(run_dir, step, model, optimizer, train_state, cfg.train.keep_last)
     report.close()
     data.close()
     if cfg.train.export_hf_at_end and start_step < cfg.train.max_steps:
-        export_sharded_model(model, run_dir, run_dir / "hf", env.is_main)
+        export_sharded_model(model, run_dir, run_dir / "hf", env.is_main, overwrite=True)
         dist.barrier()
     if env.is_main:
         print(f"molmo_fast.train: wrote {run_dir}/ (metrics.jsonl, tb/, checkpoints/"
