@@ -76,7 +76,7 @@ def _points_example(row, size, style, percent):
 
 
 def points(style: str, percent: bool):
-    # Molmo's PixMoPoints inverts the two style names (REFERENCE §3.4); here point_count is always the counting
+    # Molmo's PixMoPoints inverts the two style names; here point_count is always the counting
     # answer ("Counting the <points ...> shows a total of N.") and pointing the bare points
     def convert(row, size):
         return [_points_example(row, size, style, percent)]
