@@ -79,11 +79,14 @@ class _TaskPreprocess:
 def _shard_dir(task: Task, cfg: EvalConfig, rank: int, world: int) -> Path:
     shard_dir = Path(cfg.data_dir) / task.source / task.split
     if task.synthetic_size:
-        if rank == 0:
-            from molmo_fast.data.sources.synthetic import ensure_synthetic_shards
+        from molmo_fast.data.sources.synthetic import shared_synthetic_set
 
-            ensure_synthetic_shards(shard_dir, task.source, task.synthetic_size, cfg.synthetic_seed, split=task.split)
+        if rank == 0:
+            shared_synthetic_set(cfg.data_dir, task.source, task.synthetic_size, cfg.synthetic_seed, task.split)
         barrier(world)
+        # rank 0 built it: on every rank this only finds it
+        shard_dir = shared_synthetic_set(cfg.data_dir, task.source, task.synthetic_size, cfg.synthetic_seed,
+                                         task.split)
     if not (shard_dir / "sizes.json").is_file():
         raise FileNotFoundError(f"task {task.name!r}: no shard set at {shard_dir}; build it with "
                                 f"python -m molmo_fast.data.build --source {task.source} --split {task.split} "
