@@ -11,7 +11,8 @@ runs exactly `--new_tokens` steps (no EOS, so no early stop).
 
 Per setting, `molmo_fast.latency.measure_stages` times `generate(max_new_tokens=n)` stage by stage (median of
 --repeats after one warm-up; CUDA events on GPU): vision (ViT), connector, LLM prefill -- together the prefill --
-and decode ms/token; throughput in tokens/s over the batch. Each row records `knobs.describe(model)` (settings, dtype, device, total / active parameters).
+and decode ms/token; throughput in tokens/s over the batch. Each row records `knobs.describe(model)` (settings,
+dtype, device, total / active parameters).
 """
 
 import argparse

@@ -17,6 +17,9 @@
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
+import torch
+import torch.distributed as dist
+
 from molmo_fast import kernels
 from molmo_fast.model.moe import POLICIES, TOKEN_KINDS, RoutingPolicy, check_top_k
 
@@ -96,9 +99,9 @@ def set_top_k(model, k: TopK, kind: str | None = None) -> None:
     ks = [k] * len(moes) if isinstance(k, int) else list(k)
     if len(ks) != len(moes):
         raise ValueError(f"{name}: got {len(ks)} values, expected one per LLM layer ({len(moes)})")
-    for layer, (moe, k_layer) in enumerate(zip(moes, ks)):
+    for layer, (moe, k_layer) in enumerate(zip(moes, ks, strict=True)):
         check_top_k(k_layer, moe.num_experts, f"{name}[{layer}]")
-    for moe, k_layer in zip(moes, ks):
+    for moe, k_layer in zip(moes, ks, strict=True):
         moe.set_top_k(k_layer, kind)
 
 
@@ -151,10 +154,14 @@ def _entry(tokens: int, pairs: int) -> dict:
     return {"tokens": tokens, "pairs": pairs, "mean_k": pairs / tokens if tokens else 0}
 
 
-def routing_stats(model) -> dict:
+def routing_stats(model, sum_ranks: bool = False) -> dict:
     """What the MoE layers ran since the last reset (eval mode only; padding never counts): per layer and in
-    total, per token kind, routed tokens, active (token, expert) pairs and their ratio mean_k. One host sync."""
-    counts = [moe.routing_counts.tolist() for moe in _moes(model)]  # [layer][kind] = [tokens, pairs]
+    total, per token kind, routed tokens, active (token, expert) pairs and their ratio mean_k. One host sync.
+    `sum_ranks`: add up every rank's counts (a collective: every rank of the default group must call it)."""
+    counts_LC2 = torch.stack([moe.routing_counts for moe in _moes(model)])
+    if sum_ranks:
+        dist.all_reduce(counts_LC2)
+    counts = counts_LC2.tolist()  # [layer][kind] = [tokens, pairs]
     layers = [{kind: _entry(*c[i]) for i, kind in enumerate(TOKEN_KINDS)} for c in counts]
     total = {kind: _entry(sum(c[i][0] for c in counts), sum(c[i][1] for c in counts))
              for i, kind in enumerate(TOKEN_KINDS)}

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,8 @@ def load_model(cfg: EvalConfig, device: torch.device, rank: int = 0, world: int 
     else:
         model = MolmoE.from_pretrained(hf_dir, dtype=dtype, device=device)
     model.eval()
-    parsed = knobs.Knobs.parse(cfg.knobs)
-    knobs.Knobs(top_k=cfg.top_k, routing=parsed.routing, skip_blocks=parsed.skip_blocks).apply(model)
+    # every knob string (top_k, per-kind top-k, routing, ...); crops and lengths are set per task in run()
+    replace(knobs.Knobs.parse(cfg.knobs), top_k=cfg.top_k, max_crops=None, max_new_tokens=None).apply(model)
     return model, Preprocessor.from_pretrained(hf_dir), hf_dir
 
 
@@ -204,8 +204,10 @@ def generate_task(task: Task, model: MolmoE, pre: Preprocessor, cfg: EvalConfig,
         log.warning("task %s rank %d: %s", task.name, rank, loader.stats)
 
 
-def finalize_task(task: Task, task_dir: Path, settings: dict, elapsed_s: float) -> dict[str, Any]:
-    """Rank 0: merge the rank files into predictions.jsonl (one row per id) and write metrics.json."""
+def finalize_task(task: Task, task_dir: Path, settings: dict, elapsed_s: float,
+                  routing: dict | None = None) -> dict[str, Any]:
+    """Rank 0: merge the rank files into predictions.jsonl (one row per id) and write metrics.json (with the
+    MoE compute actually spent, `knobs.routing_stats`, when given)."""
     rows = sorted(_read_rows(task_dir).values(), key=lambda r: r["id"])
     tmp = task_dir / "predictions.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -220,7 +222,7 @@ def finalize_task(task: Task, task_dir: Path, settings: dict, elapsed_s: float) 
     metrics = {name: sum(v) / len(v) for name, v in values.items()}
     result = {"task": task.name, "primary": task.primary, "score": metrics.get(task.primary), "metrics": metrics,
               "n": len(rows), "paper_score": task.paper_score, "elapsed_s": round(elapsed_s, 2),
-              "settings": settings}
+              "settings": settings, "routing": routing}
     (task_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -283,16 +285,20 @@ def run(cfg: EvalConfig) -> list[dict[str, Any]]:
         settings = _settings(task, cfg, model, pre, hf_dir, shard_dir)
         _prepare_task_dir(task_dir, settings, cfg, rank, world)
         start = time.perf_counter()
+        knobs.reset_routing_stats(model)
         if cfg.loss:
             stats = loss_task(task, model, pre, cfg, shard_dir, rank, world, device)
             result = {"task": task.name, "primary": "loss", "score": stats["loss"], "metrics": stats,
-                      "n": int(stats["n"]), "paper_score": None, "settings": settings}
+                      "n": int(stats["n"]), "paper_score": None, "settings": settings,
+                      "routing": knobs.routing_stats(model, sum_ranks=world > 1)}
             if rank == 0:
                 (task_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
         else:
             generate_task(task, model, pre, cfg, shard_dir, task_dir, rank, world, device)
+            routing = knobs.routing_stats(model, sum_ranks=world > 1)
             barrier(world)
-            result = finalize_task(task, task_dir, settings, time.perf_counter() - start) if rank == 0 else None
+            result = (finalize_task(task, task_dir, settings, time.perf_counter() - start, routing)
+                      if rank == 0 else None)
         if rank == 0:
             results.append(result)
         barrier(world)
