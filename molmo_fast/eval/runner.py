@@ -170,14 +170,33 @@ def _model_inputs(batch: dict, device: torch.device | str, dtype: torch.dtype) -
     return out
 
 
+def _generation_loader(task: Task, pre: Preprocessor, cfg: EvalConfig, shard_dir: Path, rank: int = 0,
+                       world: int = 1) -> EvalLoader:
+    return EvalLoader(shard_dir, _TaskPreprocess(task, pre),
+                      LoaderConfig(cfg.batch_size, task.sequence_length, num_workers=cfg.num_workers),
+                      rank, world, for_inference=True, limit=cfg.max_examples)
+
+
+def _apply_task_knobs(model: MolmoE, pre: Preprocessor, cfg: EvalConfig, task: Task, default_crops: int) -> None:
+    knobs.set_max_crops(model, cfg.max_crops or task.max_crops or default_crops, pre)
+    knobs.set_max_new_tokens(model, cfg.max_new_tokens or task.max_new_tokens)
+
+
+def first_batch(cfg: EvalConfig, task: Task, model: MolmoE, pre: Preprocessor) -> dict[str, torch.Tensor]:
+    """The first generation batch of `task` exactly as `run` feeds it (the task's crops and prompt style, on the
+    model's device), with the task's knobs set on `model`: for probes such as `molmo_fast.latency`."""
+    param = next(model.parameters())
+    _apply_task_knobs(model, pre, cfg, task, pre.max_crops)
+    batch = next(iter(_generation_loader(task, pre, cfg, _shard_dir(task, cfg, 0, 1))))
+    return _model_inputs(batch, param.device, param.dtype)
+
+
 @torch.no_grad()
 def generate_task(task: Task, model: MolmoE, pre: Preprocessor, cfg: EvalConfig, shard_dir: Path, task_dir: Path,
                   rank: int, world: int, device: torch.device) -> None:
     """This rank's share of the task, appended to predictions.rank{rank}.jsonl (ids already scored are skipped)."""
     done = set(_read_rows(task_dir))
-    loader = EvalLoader(shard_dir, _TaskPreprocess(task, pre),
-                        LoaderConfig(cfg.batch_size, task.sequence_length, num_workers=cfg.num_workers),
-                        rank, world, for_inference=True, limit=cfg.max_examples)
+    loader = _generation_loader(task, pre, cfg, shard_dir, rank, world)
     dtype = next(model.parameters()).dtype
     max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
     pred_file = task_dir / f"predictions.rank{rank}.jsonl"
@@ -278,8 +297,7 @@ def run(cfg: EvalConfig) -> list[dict[str, Any]]:
     out_dir = Path(cfg.out)
     results = []
     for task in parse_tasks(cfg.tasks):
-        knobs.set_max_crops(model, cfg.max_crops or task.max_crops or default_crops, pre)
-        knobs.set_max_new_tokens(model, cfg.max_new_tokens or task.max_new_tokens)
+        _apply_task_knobs(model, pre, cfg, task, default_crops)
         shard_dir = _shard_dir(task, cfg, rank, world)
         task_dir = out_dir / (f"{task.name}_loss" if cfg.loss else task.name)
         settings = _settings(task, cfg, model, pre, hf_dir, shard_dir)
