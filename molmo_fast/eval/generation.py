@@ -89,8 +89,10 @@ def generate_task(task: Task, model: MolmoE, pre: Preprocessor, cfg: EvalConfig,
         log.warning("task %s rank %d: %s", task.name, rank, loader.stats)
 
 
-def finalize_task(task: Task, task_dir: Path, settings: dict, elapsed_s: float) -> dict[str, Any]:
-    """Rank 0: merge the rank files into predictions.jsonl (one row per id) and write metrics.json."""
+def finalize_task(task: Task, task_dir: Path, settings: dict, elapsed_s: float,
+                  routing: dict | None = None) -> dict[str, Any]:
+    """Rank 0: merge the rank files into predictions.jsonl (one row per id) and write metrics.json (with the
+    MoE compute actually spent, `knobs.routing_stats`, when given)."""
     rows = sorted(read_rows(task_dir).values(), key=lambda r: r["id"])
     tmp = task_dir / "predictions.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -105,6 +107,6 @@ def finalize_task(task: Task, task_dir: Path, settings: dict, elapsed_s: float) 
     metrics = {name: sum(v) / len(v) for name, v in values.items()}
     result = {"task": task.name, "primary": task.primary, "score": metrics.get(task.primary), "metrics": metrics,
               "n": len(rows), "paper_score": task.paper_score, "elapsed_s": round(elapsed_s, 2),
-              "settings": settings}
+              "settings": settings, "routing": routing}
     (task_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -13,7 +13,7 @@ setting. `evaluate` runs the tasks on a model already in memory: the trainer's i
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from molmo_fast import knobs
 from molmo_fast.data.preprocessor import Preprocessor
 from molmo_fast.eval.config import DEVICE_FIELD, EvalConfig
 from molmo_fast.eval.generation import finalize_task, generate_task
+from molmo_fast.eval.inputs import model_inputs, task_loader
 from molmo_fast.eval.loss_mode import loss_task
 from molmo_fast.eval.tasks import Task, parse_tasks
 from molmo_fast.model.molmoe import MolmoE
@@ -57,8 +58,8 @@ def load_model(cfg: EvalConfig, device: torch.device, rank: int = 0, world: int 
     else:
         model = MolmoE.from_pretrained(hf_dir, dtype=dtype, device=device)
     model.eval()
-    parsed = knobs.Knobs.parse(cfg.knobs)
-    knobs.Knobs(top_k=cfg.top_k, routing=parsed.routing, skip_blocks=parsed.skip_blocks).apply(model)
+    # every knob string (top_k, per-kind top-k, routing, ...); crops and lengths are set per task in evaluate()
+    replace(knobs.Knobs.parse(cfg.knobs), top_k=cfg.top_k, max_crops=None, max_new_tokens=None).apply(model)
     return model, Preprocessor.from_pretrained(hf_dir), hf_dir
 
 
@@ -78,6 +79,20 @@ def _shard_dir(task: Task, cfg: EvalConfig, rank: int, world: int) -> Path:
                                 f"python -m molmo_fast.data.build --source {task.source} --split {task.split} "
                                 f"--out {shard_dir}")
     return shard_dir
+
+
+def _apply_task_knobs(model: MolmoE, pre: Preprocessor, cfg: EvalConfig, task: Task, default_crops: int) -> None:
+    knobs.set_max_crops(model, cfg.max_crops or task.max_crops or default_crops, pre)
+    knobs.set_max_new_tokens(model, cfg.max_new_tokens or task.max_new_tokens)
+
+
+def first_batch(cfg: EvalConfig, task: Task, model: MolmoE, pre: Preprocessor) -> dict[str, torch.Tensor]:
+    """The first generation batch of `task` exactly as `evaluate` feeds it (the task's crops and prompt style, on
+    the model's device), with the task's knobs set on `model`: for probes such as `molmo_fast.latency`."""
+    param = next(model.parameters())
+    _apply_task_knobs(model, pre, cfg, task, pre.max_crops)
+    loader = task_loader(task, pre, cfg, _shard_dir(task, cfg, 0, 1), 0, 1, for_inference=True)
+    return model_inputs(next(iter(loader)), param.device, param.dtype)
 
 
 def _settings(task: Task, cfg: EvalConfig, model: MolmoE, pre: Preprocessor, source: str, step: int,
@@ -137,24 +152,26 @@ def evaluate(model: MolmoE, pre: Preprocessor, cfg: EvalConfig, env: Env, source
         _claim_out(cfg)
     results = []
     for task in parse_tasks(cfg.tasks):
-        knobs.set_max_crops(model, cfg.max_crops or task.max_crops or default_crops, pre)
-        knobs.set_max_new_tokens(model, cfg.max_new_tokens or task.max_new_tokens)
+        _apply_task_knobs(model, pre, cfg, task, default_crops)
         shard_dir = _shard_dir(task, cfg, env.rank, env.world_size)
         task_dir = out_dir / _result_name(task.name, cfg.loss)
         settings = _settings(task, cfg, model, pre, source, step, shard_dir)
         _prepare_task_dir(task_dir, settings, cfg, env.rank, env.world_size)
         start = time.perf_counter()
+        knobs.reset_routing_stats(model)
         if cfg.loss:
             stats = loss_task(task, model, pre, cfg, shard_dir, env.rank, env.world_size, env.device)
             result = {"task": task.name, "primary": "loss", "score": stats["loss"], "metrics": stats,
-                      "n": int(stats["n"]), "paper_score": None, "settings": settings}
+                      "n": int(stats["n"]), "paper_score": None, "settings": settings,
+                      "routing": knobs.routing_stats(model, sum_ranks=env.world_size > 1)}
             if env.is_main:
                 (task_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
         else:
             generate_task(task, model, pre, cfg, shard_dir, task_dir, env.rank, env.world_size, env.device)
+            routing = knobs.routing_stats(model, sum_ranks=env.world_size > 1)
             barrier(env.world_size)
             elapsed = time.perf_counter() - start
-            result = finalize_task(task, task_dir, settings, elapsed) if env.is_main else None
+            result = finalize_task(task, task_dir, settings, elapsed, routing) if env.is_main else None
         if env.is_main:
             results.append(result)
         barrier(env.world_size)
