@@ -9,22 +9,22 @@ laid out as the preprocessor lays them out: `max_crops` high-res crops plus the 
 pooled tokens (+ a column token per row and start/end tokens), then `--prompt_len` text tokens. Greedy decoding
 runs exactly `--new_tokens` steps (no EOS, so no early stop).
 
-Per setting: prefill = `generate(max_new_tokens=1)` (ViT + connector + LLM over the prompt, one argmax);
-decode ms/token = (time of `generate(max_new_tokens=n)` - prefill) / (n - 1); throughput in tokens/s over the
-batch. Each row records `knobs.describe(model)` (settings, dtype, device, total / active parameters).
+Per setting, `molmo_fast.latency.measure_stages` times `generate(max_new_tokens=n)` stage by stage (median of
+--repeats after one warm-up; CUDA events on GPU): vision (ViT), connector, LLM prefill -- together the prefill --
+and decode ms/token; throughput in tokens/s over the batch. Each row records `knobs.describe(model)` (settings,
+dtype, device, total / active parameters).
 """
 
 import argparse
 import json
 import platform
-import statistics
-import time
 from datetime import datetime, timezone
 
 import torch
 
 from molmo_fast import knobs
 from molmo_fast.config import MolmoEConfig
+from molmo_fast.latency import measure_stages
 from molmo_fast.model.molmoe import MolmoE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,16 +34,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python bench/generation.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the tiny preset and small defaults (CPU smoke run)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--top_k", help="comma-separated MoE top-k values (default 1,2,4,8; tiny 1,2)")
     p.add_argument("--max_crops", help="comma-separated crop budgets (default 1,4,12; tiny 1,2)")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=1, help="prompts per generate call (default 1)")
     p.add_argument("--prompt_len", type=int, help="text tokens after the image (default 32; tiny 8)")
     p.add_argument("--new_tokens", type=int, help="decode steps, >= 2 (default 64; tiny 4)")
     p.add_argument("--repeats", type=int, help="timed runs per setting, median reported (default 5; tiny 1)")
     p.add_argument("--moe_impl", help="molmo_fast.kernels.moe_mlp implementation (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and synthetic prompts")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     tiny = args.tiny
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.repeats = args.repeats if args.repeats is not None else 1 if tiny else 5
     args.dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     if args.new_tokens < 2:
-        p.error(f"--new_tokens = {args.new_tokens}, expected >= 2 (decode time is total minus prefill)")
+        p.error(f"--new_tokens = {args.new_tokens}, expected >= 2 (at least one decode step)")
     if args.batch_size < 1 or args.prompt_len < 1 or args.repeats < 1:
         p.error("--batch_size, --prompt_len and --repeats must be >= 1")
     return args
@@ -102,37 +103,19 @@ def synthetic_prompt(model: MolmoE, batch_size: int, max_crops: int, prompt_len:
             "image_input_idx": idx.contiguous().to(device)}
 
 
-def _timed(fn, device: str, repeats: int) -> float:
-    """Median wall-clock seconds of `fn` after one warm-up call."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure(model: MolmoE, prompt: dict[str, torch.Tensor], new_tokens: int, device: str, repeats: int) -> dict:
-    def run(n):
-        return lambda: model.generate(prompt["input_ids"], prompt["images"], prompt["image_masks"],
-                                      prompt["image_input_idx"], max_new_tokens=n)
-
+def measure(model: MolmoE, prompt: dict[str, torch.Tensor], new_tokens: int, repeats: int) -> dict:
+    stages = measure_stages(model, prompt, new_tokens, repeats)
     B, S = prompt["input_ids"].shape
-    prefill_s = _timed(run(1), device, repeats)
-    total_s = _timed(run(new_tokens), device, repeats)
-    decode_s = max(total_s - prefill_s, 0.0) / (new_tokens - 1)
+    prefill_ms = stages["vision"] + stages["connector"] + stages["prefill"]
+    decode_ms = stages["decode_per_token"]
     return {
         "batch_size": B, "prompt_tokens": S, "crops": prompt["images"].shape[1],
         "image_tokens": prompt["image_input_idx"].shape[1] * prompt["image_input_idx"].shape[2],
         "new_tokens": new_tokens,
-        "prefill_ms": 1e3 * prefill_s, "prefill_tok_s": B * S / prefill_s,
-        # A decode faster than the timing noise (tiny CPU runs) has no meaningful rate: null.
-        "decode_ms_per_token": 1e3 * decode_s, "decode_tok_s": B / decode_s if decode_s > 0 else None,
-        "total_ms": 1e3 * total_s,
+        "vision_ms": stages["vision"], "connector_ms": stages["connector"], "llm_prefill_ms": stages["prefill"],
+        "prefill_ms": prefill_ms, "prefill_tok_s": 1e3 * B * S / prefill_ms,
+        "decode_ms_per_token": decode_ms, "decode_tok_s": 1e3 * B / decode_ms if decode_ms else None,
+        "total_ms": stages["total"], "peak_memory_mb": stages["peak_memory_mb"],
     }
 
 
@@ -149,7 +132,7 @@ def main(argv=None) -> dict:
         for k in args.top_k:
             knobs.set_top_k(model, k)
             row = {"top_k": k, "max_crops": max_crops,
-                   **measure(model, prompt, args.new_tokens, args.device, args.repeats),
+                   **measure(model, prompt, args.new_tokens, args.repeats),
                    "knobs": knobs.describe(model)}
             row["params_active"] = row["knobs"]["params_active"]
             rows.append(row)

@@ -183,9 +183,11 @@ def test_train_loader_skips_and_counts_corrupt_samples(corrupt_set, caplog):
     assert loader.stats["corrupt"] >= 3 and loader.stats["examples"] == 75
     logged = caplog.text
     assert "corrupt" in logged and "JSONDecodeError" in logged and "Truncated" in logged  # never silent
+    # each lost sample is named by its shard and key, so it can be found and fixed
+    assert "shard-000002.tar, key 'c0001'" in logged and "shard-000002.tar, key 'c0002'" in logged
 
 
-def test_eval_loader_exactly_once_equal_length(corrupt_set, tmp_path):
+def test_eval_loader_exactly_once_equal_length(corrupt_set, tmp_path, caplog):
     data = _shard_set(tmp_path / "e", "e", 23, shard_size=4)
     per_rank, seen = [], []
     for rank in range(2):
@@ -199,7 +201,10 @@ def test_eval_loader_exactly_once_equal_length(corrupt_set, tmp_path):
     assert sorted(seen) == [f"e{i:04d}" for i in range(23)]
 
     loader = EvalLoader(corrupt_set, fake_preprocess, _cfg(batch_size=4), rank=0, world_size=1)
-    metas = [m for b in loader for m in b["metadata"]]
+    with caplog.at_level(logging.WARNING, logger="molmo_fast.data.loader"):
+        metas = [m for b in loader for m in b["metadata"]]
+    for lost in ("key 'c0001'", "key 'c0002'", "key 'c0003'"):
+        assert f"shard-000002.tar, {lost}" in caplog.text
     assert len(metas) == 16 and loader.num_samples == 16
     real = [m["id"] for m in metas if not m["padding"]]
     assert sorted(real) == sorted([f"g{i:04d}" for i in range(12)] + ["c0000"])

@@ -23,7 +23,14 @@ from molmo_fast.data.shards import (
     read_info,
     read_sizes,
 )
-from molmo_fast.data.sources.synthetic import COLORS, GENERATORS, ensure_synthetic_shards, make_example
+from molmo_fast.data.sources.synthetic import (
+    COLORS,
+    GENERATORS,
+    ensure_synthetic_shards,
+    make_example,
+    shared_synthetic_set,
+)
+from molmo_fast.outdir import OutputDirError
 
 
 def _jpeg(w=40, h=30, color=(10, 200, 30)) -> bytes:
@@ -136,8 +143,32 @@ def test_ensure_synthetic_shards_builds_once(tmp_path):
     mtime = (out / "sizes.json").stat().st_mtime_ns
     ensure_synthetic_shards(out, "synthetic_counting", n=12, seed=1, image_size=64, shard_size=5)
     assert (out / "sizes.json").stat().st_mtime_ns == mtime
-    ensure_synthetic_shards(out, "synthetic_counting", n=10, seed=1, image_size=64, shard_size=5)
-    assert sum(read_sizes(out).values()) == 10
+    # another size in the same directory could be another run's data: refused unless asked for, never in place
+    with pytest.raises(OutputDirError, match=r"'n': 12.*asked for .*'n': 10.*--overwrite"):
+        ensure_synthetic_shards(out, "synthetic_counting", n=10, seed=1, image_size=64, shard_size=5)
+    assert sum(read_sizes(out).values()) == 12 and (out / "sizes.json").stat().st_mtime_ns == mtime
+    ensure_synthetic_shards(out, "synthetic_counting", n=10, seed=1, image_size=64, shard_size=5, overwrite=True)
+    assert sum(read_sizes(out).values()) == 10 and sorted(os.listdir(tmp_path)) == ["c"]
+
+
+def test_shared_synthetic_sets_are_keyed_by_their_parameters(tmp_path):
+    """A changed size or seed builds a new set next to the old one, which every run using it still reads."""
+    a = shared_synthetic_set(tmp_path, "synthetic_counting", 6, seed=0, image_size=32)
+    first = {p.name: p.read_bytes() for p in a.iterdir()}
+    b = shared_synthetic_set(tmp_path, "synthetic_counting", 8, seed=0, image_size=32)
+    c = shared_synthetic_set(tmp_path, "synthetic_counting", 6, seed=1, image_size=32)
+    assert len({a, b, c}) == 3 and all(p.parent == tmp_path / "synthetic_counting" for p in (a, b, c))
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == first
+    assert [sum(read_sizes(p).values()) for p in (a, b, c)] == [6, 8, 6]
+    assert shared_synthetic_set(tmp_path, "synthetic_counting", 6, seed=0, image_size=32) == a
+
+
+def test_synthetic_build_refuses_a_user_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(OutputDirError, match="did not write .*notes.txt"):
+            ensure_synthetic_shards(tmp_path, "synthetic_counting", n=2, image_size=32, overwrite=overwrite)
+    assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 def _build_when_released(barrier, out):
@@ -147,14 +178,14 @@ def _build_when_released(barrier, out):
 
 def test_ensure_synthetic_shards_concurrent_ranks(tmp_path, monkeypatch):
     """Ranks that build the same missing set at once: none fails, and the set ends up complete."""
-    slow_replace = os.replace
+    slow_rename = os.rename
 
-    def replace(src, dst):  # widen the window between "not built yet" and publishing the built set
+    def rename(src, dst):  # widen the window between "not built yet" and publishing the built set
         if Path(src).is_dir():
             time.sleep(0.3)
-        slow_replace(src, dst)
+        slow_rename(src, dst)
 
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
     ctx = multiprocessing.get_context("fork")  # the children inherit the patch
     barrier = ctx.Barrier(3)
     out = tmp_path / "c"
@@ -164,7 +195,7 @@ def test_ensure_synthetic_shards_concurrent_ranks(tmp_path, monkeypatch):
     for rank in ranks:
         rank.join(60)
     assert [rank.exitcode for rank in ranks] == [0, 0, 0]
-    assert sum(read_sizes(out).values()) == 4 and not list(tmp_path.glob("c.tmp-*"))
+    assert sum(read_sizes(out).values()) == 4 and os.listdir(tmp_path) == ["c"]
 
 
 def _pre(n_tokens, n_crops, subsegments=False, P=4, T=2):

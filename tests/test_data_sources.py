@@ -5,6 +5,7 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import threading
 
 import datasets
@@ -277,6 +278,27 @@ def test_cli_list_and_synthetic_build(tmp_path, capsys):
     assert read_info(out)["num_samples"] == 7 and len(_read(out)) == 7
     with pytest.raises(SystemExit):
         build.main(["--source", "synthetic_counting"])
+
+
+def test_build_never_writes_over_what_it_did_not_write(tmp_path):
+    rows, _ = CASES["chart_qa"]
+    _dataset(rows * 2).save_to_disk(str(tmp_path / "saved"))
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    for out in (user, tmp_path / "saved", tmp_path):  # a user dir, the input itself, the input's parent
+        for flags in ([], ["--overwrite"]):
+            with pytest.raises(SystemExit, match="molmo_fast.data.build: .*refusing"):
+                build.main(["--source", "chart_qa", "--out", str(out), "--input", str(tmp_path / "saved"), *flags])
+    assert os.listdir(user) == ["notes.txt"] and len(datasets.load_from_disk(str(tmp_path / "saved"))) == 2
+    out = tmp_path / "out"
+    assert build.main(["--source", "chart_qa", "--out", str(out), "--input", str(tmp_path / "saved")]) == 0
+    with pytest.raises(SystemExit, match="already holds a molmo_fast data_build output; pass --overwrite"):
+        build.main(["--source", "chart_qa", "--out", str(out), "--input", str(tmp_path / "saved")])
+    assert build.main(["--source", "chart_qa", "--out", str(out), "--input", str(tmp_path / "saved"),
+                       "--limit", "1", "--overwrite"]) == 0
+    assert len(_read(out)) == 1
+    assert sorted(os.listdir(tmp_path)) == ["mine", "out", "saved"]  # no temporary sibling left
 
 
 def test_ai2d_keeps_the_box_flags_of_molmos_layout(tmp_path):

@@ -186,7 +186,9 @@ def resize_and_pad(image: np.ndarray, out_hw: tuple[int, int], cfg: ImageConfig)
     out_h, out_w = out_hw
     h, w = image.shape[:2]
     scale = min(np.float32(out_h) / np.float32(h), np.float32(out_w) / np.float32(w))
-    new_h, new_w = int(np.float32(h) * scale), int(np.float32(w) * scale)
+    # An extreme aspect ratio would round its short side to 0 pixels; one pixel keeps the image in one patch
+    # row / column (and every size the reference produces unchanged).
+    new_h, new_w = max(int(np.float32(h) * scale), 1), max(int(np.float32(w) * scale), 1)
     x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).to(torch.float32) / 255.0
     if (new_h, new_w) != (h, w):  # torchvision's Resize returns the input untouched in this case
         x = F.interpolate(x[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]

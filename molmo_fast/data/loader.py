@@ -74,10 +74,14 @@ class DataStats:
     corrupt: int = 0
     errors: list[str] = field(default_factory=list)
 
-    def add_error(self, exn: BaseException) -> bool:
+    def add(self, where: str, why: str) -> None:
+        """One lost sample; `where` names the shard (and the key, when known), kept in the first few messages."""
         self.corrupt += 1
         if len(self.errors) < 5:
-            self.errors.append(f"{type(exn).__name__}: {exn}"[:300])
+            self.errors.append(f"{where}: {why}"[:500])
+
+    def add_error(self, exn: BaseException, where: str) -> bool:
+        self.add(where, f"{type(exn).__name__}: {exn}")
         return True  # webdataset handler protocol: True = skip and continue
 
     def take(self) -> dict[str, Any]:
@@ -87,14 +91,18 @@ class DataStats:
 
 
 def _read_tar(url: str, stats: DataStats) -> Iterator[dict[str, Any]]:
-    yield from wds.tarfile_samples([{"url": url}], handler=stats.add_error)
+    yield from wds.tarfile_samples([{"url": url}], handler=lambda exn: stats.add_error(exn, f"shard {url}"))
+
+
+def _where(raw: dict[str, Any]) -> str:
+    return f"shard {raw.get('__url__')}, key {raw.get('__key__')!r}"
 
 
 def _decode(raw: dict[str, Any], stats: DataStats) -> dict[str, Any] | None:
     try:
         return decode_sample(raw)
     except Exception as exn:  # any corruption of one sample must cost that sample only
-        stats.add_error(exn)
+        stats.add_error(exn, _where(raw))
         return None
 
 
@@ -151,7 +159,8 @@ class _TrainStream(IterableDataset):
         collate = Collator(cfg.sequence_length, cfg.max_crops)
         accepted, failures, examples, batches = 0, 0, [], 0
         while batches < cfg.epoch_batches:
-            example = _decode(next(raw_samples), stats)
+            raw = next(raw_samples)
+            example = _decode(raw, stats)
             if example is None:
                 failures += 1
                 if failures >= cfg.max_consecutive_errors:
@@ -166,7 +175,8 @@ class _TrainStream(IterableDataset):
                 try:
                     arrays = self.preprocess(example, rng=sample_rng)
                 except Exception as exn:
-                    raise RuntimeError(f"preprocessing failed on sample {example.get('id')!r}") from exn
+                    raise RuntimeError(f"preprocessing failed on sample {example.get('id')!r} ({_where(raw)})"
+                                       ) from exn
                 examples.append(_with_metadata(arrays, example))
             if len(examples) < cfg.batch_size:
                 continue
@@ -304,7 +314,8 @@ class _EvalStream(IterableDataset):
                     found[g] = _decode(raw, stats)
             for g in in_shard:
                 if g not in found:
-                    stats.corrupt += 1  # lost to a truncated or unreadable tar
+                    stats.add(f"shard {self.shards[s]}, sample {g - self.offsets[s]}", "missing (truncated or "
+                              "unreadable tar)")
                 yield g, found.get(g)
             pos += len(in_shard)
 

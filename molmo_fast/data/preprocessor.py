@@ -24,13 +24,22 @@ IMAGE_SUBSEGMENT = 10000
 
 
 def to_rgb_array(image) -> np.ndarray:
-    """PIL image or uint8 [H, W, 3] array -> uint8 RGB array. As the reference, EXIF orientation is ignored."""
+    """PIL image of any mode, or a uint8 [H, W] / [H, W, 1|3|4] array -> uint8 RGB [H, W, 3].
+
+    As the reference, EXIF orientation is ignored and alpha dropped. 16-bit images keep their top 8 bits (PIL's
+    own conversion would clip every value above 255 to white)."""
     if isinstance(image, Image.Image):
+        if image.mode.startswith("I;16"):
+            image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
+        elif image.mode == "La":  # premultiplied alpha: PIL converts it only to LA
+            image = image.convert("LA")
         return np.asarray(image.convert("RGB"))
     arr = np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected a PIL image or a uint8 [H, W, 3] array, got {arr.dtype} {arr.shape}")
-    return arr
+    if arr.dtype == np.uint8 and arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected a PIL image or a uint8 [H, W], [H, W, 1|3|4] array, got {arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(np.broadcast_to(arr, (*arr.shape[:2], 3)) if arr.shape[2] == 1 else arr[..., :3])
 
 
 @dataclass

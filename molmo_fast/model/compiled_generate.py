@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from molmo_fast.model.moe import GENERATED, PAD
 from molmo_fast.model.static_cache import StaticKVCache
 
 STOP_CHECK_EVERY = 8
@@ -85,7 +86,9 @@ def prefill(model, state: DecodeState, input_ids: torch.Tensor, images, image_ma
 
 
 def decode_step(model, state: DecodeState, top_k) -> torch.Tensor:
-    out = model(state.token_B1, position_ids=state.pos_B1, past_key_values=state.cache, use_cache=True, top_k=top_k)
+    kind_B1 = torch.where(state.finished_B, PAD, GENERATED).to(torch.int8).unsqueeze(1)  # as the eager loop
+    out = model(state.token_B1, position_ids=state.pos_B1, past_key_values=state.cache, use_cache=True, top_k=top_k,
+                token_kind=kind_B1)
     state.pos_B1.add_(1)
     logits = out.logits[:, -1]
     _emit(state, logits)
@@ -113,7 +116,7 @@ def _k_as_data(model, top_k, device) -> list[torch.Tensor]:
     if not isinstance(top_k, (list, tuple)) or len(top_k) != len(buffers):
         raise ValueError(f"generate(compile=True): top_k must be an int, a 0-d tensor or one value per layer "
                          f"({len(buffers)}), got {top_k!r}")
-    return [b if k is None else torch.as_tensor(k, device=device) for b, k in zip(buffers, top_k)]
+    return [b if k is None else torch.as_tensor(k, device=device) for b, k in zip(buffers, top_k, strict=True)]
 
 
 def _pad_images(images, image_masks, image_input_idx, max_crops: int):
@@ -131,8 +134,11 @@ def decode_state(model, batch: int, capacity: int, device: torch.device) -> Deco
     key = (batch, capacity, model.llm.lm_head.weight.dtype, device)
     if key not in model.decode_states:
         state = model.decode_states[key] = DecodeState(model, batch, capacity, device)
+        counts = [block.moe.routing_counts.clone() for block in model.llm.blocks]
         state.cache.decoding = True
-        decode_step(model, state, None)
+        decode_step(model, state, _k_as_data(model, None, device))
+        for block, c in zip(model.llm.blocks, counts, strict=True):  # the warm-up routed no real token
+            block.moe.routing_counts.copy_(c)
     return model.decode_states[key]
 
 

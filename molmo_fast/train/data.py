@@ -9,8 +9,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from molmo_fast.train.config import DataConfig
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "special_tokens.json")
@@ -45,11 +43,9 @@ def build_mixture(cfg: DataConfig):
 
     dirs = {name: str(path) for name, path in cfg.shards.items()}
     for source, n in cfg.synthetic.items():
-        from molmo_fast.data.sources.synthetic import ensure_synthetic_shards
+        from molmo_fast.data.sources.synthetic import shared_synthetic_set
 
-        out = Path(cfg.synthetic_dir) / source
-        ensure_synthetic_shards(out, source, n, cfg.synthetic_seed)
-        dirs[source] = str(out)
+        dirs[source] = str(shared_synthetic_set(cfg.synthetic_dir, source, n, cfg.synthetic_seed))
     missing = [f"{n}={d}" for n, d in dirs.items() if not Path(d).is_dir()]
     if missing:
         raise ValueError(f"DataConfig.shards: no shard directory at {missing}")
@@ -95,7 +91,3 @@ class TrainData:
 
     def close(self) -> None:
         del self._it
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -11,7 +11,6 @@ import fcntl
 import io
 import math
 import os
-import shutil
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -19,7 +18,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from molmo_fast.data.shards import SCHEMA_VERSION, SIZES_FILE, Record, ShardSetWriter, read_info
+from molmo_fast.data.shards import SCHEMA_VERSION, SIZES_FILE, Record, ShardSetWriter
+from molmo_fast.outdir import atomic_output_dir, is_own_output
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "orange": (240, 140, 20),
           "purple": (140, 60, 190)}
@@ -156,30 +156,38 @@ def generate(name: str, n: int, seed: int = 0, split: str = "train", image_size:
 
 
 def ensure_synthetic_shards(out_dir: str | os.PathLike, source: str, n: int, seed: int = 0, split: str = "train",
-                            image_size: int = 224, shard_size: int = 256) -> Path:
+                            image_size: int = 224, shard_size: int = 256, overwrite: bool = False) -> Path:
     """Build `n` examples of a synthetic source into `out_dir` unless an identical build is already there.
 
-    Builds into a temporary sibling and renames it, so concurrent callers (pytest workers, FSDP ranks) never see a
-    half-written set.
+    A set with other parameters in `out_dir` is refused unless `overwrite` (it may be another run's data); a
+    directory molmo_fast did not write is always refused. Builds into a temporary sibling and renames it, so
+    concurrent callers (pytest workers, FSDP ranks) never see a half-written set.
     """
     out_dir = Path(out_dir)
-    params = {"source": source, "split": split, "n": n, "seed": seed, "image_size": image_size}
-    if read_info(out_dir).get("build") == params and (out_dir / SIZES_FILE).is_file():
+    params = {"source": source, "split": split, "n": n, "seed": seed, "image_size": image_size,
+              "shard_size": shard_size}
+    if is_own_output(out_dir, "synthetic", params) and (out_dir / SIZES_FILE).is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # check-then-publish is not atomic: without the lock, a rank could delete the set another rank just published
-    # (and is reading), or fail to rename onto it
+    # check-then-publish is not atomic: without the lock, two ranks would both build the missing set and the
+    # second would find the first one's in place
     lock = os.open(out_dir.parent, os.O_RDONLY)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if read_info(out_dir).get("build") == params and (out_dir / SIZES_FILE).is_file():
+        if is_own_output(out_dir, "synthetic", params) and (out_dir / SIZES_FILE).is_file():
             return out_dir
-        tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with ShardSetWriter(tmp, shard_size=shard_size, info={"build": params}) as writer:
+        with atomic_output_dir(out_dir, "synthetic", params=params, overwrite=overwrite) as tmp, \
+                ShardSetWriter(tmp, shard_size=shard_size, info={"build": params}) as writer:
             writer.write_all(generate(source, n, seed, split, image_size))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
         return out_dir
     finally:
         os.close(lock)
+
+
+def shared_synthetic_set(root: str | os.PathLike, source: str, n: int, seed: int = 0, split: str = "train",
+                         image_size: int = 224) -> Path:
+    """The shared set of these parameters under `root`, built on first use. Each parameter set has its own
+    directory, so changing a size or seed builds a new set instead of changing the data of every run using the old
+    one."""
+    out_dir = Path(root) / source / f"{split}-n{n}-seed{seed}-{image_size}px"
+    return ensure_synthetic_shards(out_dir, source, n, seed, split, image_size)

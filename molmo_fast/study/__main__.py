@@ -1,0 +1,3 @@
+from molmo_fast.study.cli import main
+
+main()
