@@ -14,6 +14,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from molmo_fast import knobs
 from molmo_fast.model.compiled_generate import bucket
+from molmo_fast.model.moe import TOKEN_KINDS
 
 
 def _image_inputs(cases, case):
@@ -43,9 +44,7 @@ def fresh_dynamo():
 def model(golden_model):
     """The shared golden model, its knobs restored afterwards."""
     yield golden_model
-    knobs.set_top_k(golden_model, golden_model.config.moe.top_k)
-    knobs.set_skip_blocks(golden_model, [])
-    knobs.set_routing_policy(golden_model, "topk_renorm" if golden_model.config.moe.normalize_weights else "topk")
+    _reset_knobs(golden_model)
 
 
 def test_bucket_sizes():
@@ -83,12 +82,17 @@ def test_compiled_generation_equals_eager_golden(model, golden_cases, golden_dir
     prompt = golden_cases["generation.input_ids"][None]
     kw = dict(_image_inputs(golden_cases, meta["prompt_case"]), max_new_tokens=meta["max_new_tokens"],
               eos_token_id=meta["eos_token_id"], output_logits=True)
+    knobs.reset_routing_stats(model)
     ids, step_logits = model.generate(prompt, **kw, compile="aot_eager")
     assert torch.equal(ids[0, prompt.shape[1]:], golden_cases["generation.new_tokens"])
     torch.testing.assert_close(step_logits[0], golden_cases["generation.step_logits"], atol=1e-4, rtol=1e-4)
+    compiled_stats = knobs.routing_stats(model)
+    knobs.reset_routing_stats(model)
     eager_ids, eager_logits = model.generate(prompt, **kw)
     assert torch.equal(ids, eager_ids)
     torch.testing.assert_close(step_logits, eager_logits, atol=1e-5, rtol=1e-5)
+    # Same routed tokens per kind: bucket padding, warm-up and the steps past the last EOS route nothing.
+    assert compiled_stats == knobs.routing_stats(model)
 
 
 def test_compiled_generation_batched_and_eos(model, golden_cases):
@@ -98,70 +102,79 @@ def test_compiled_generation_batched_and_eos(model, golden_cases):
     # An EOS that stops row 0 early (its 2nd token) and row 1 wherever it first appears, if at all: the compiled
     # loop checks only every STOP_CHECK_EVERY steps but must return exactly the eager ids (pads, trimmed length).
     eos = int(free[0, prompts.shape[1] + 1])
-    for n in (3, 12, 20):
+    for n in (9, 12, 16):  # one capacity bucket (32); past the first stop check (8)
         eager = model.generate(prompts, max_new_tokens=n, eos_token_id=eos)
         assert torch.equal(model.generate(prompts, max_new_tokens=n, eos_token_id=eos, compile="aot_eager"), eager)
-    both = model.generate(prompts[:1], max_new_tokens=20, eos_token_id=eos, compile="aot_eager")
+    both = model.generate(prompts[:1], max_new_tokens=16, eos_token_id=eos, compile="aot_eager")
     assert both.shape[1] == prompts.shape[1] + 2
+
+
+KNOB_SETTINGS = {  # applied on top of the defaults; none may recompile a warm bucket
+    "default": lambda m: None,
+    "top_k=1": lambda m: knobs.set_top_k(m, 1),
+    "top_k per layer": lambda m: knobs.set_top_k(m, [1, 2]),
+    "image tokens k=1": lambda m: knobs.set_top_k(m, 1, kind="image"),
+    "generated tokens k=1": lambda m: knobs.set_top_k(m, 1, kind="generated"),
+    "text tokens k=1": lambda m: knobs.set_top_k(m, 1, kind="text"),
+    "skip block 1": lambda m: knobs.set_skip_blocks(m, [1]),
+}
+
+
+def _reset_knobs(model):
+    knobs.set_top_k(model, model.config.moe.top_k)
+    for kind in TOKEN_KINDS:
+        knobs.set_top_k(model, model.config.moe.num_experts, kind=kind)
+    knobs.set_skip_blocks(model, [])
+    knobs.set_routing_policy(model, "topk_renorm" if model.config.moe.normalize_weights else "topk")
 
 
 def test_no_recompiles_across_knobs_and_prompts_in_a_bucket(model, golden_cases):
     counter = CompileCounter()
-    image_prompt = golden_cases["single_image.input_ids"][None]
+    prompt = golden_cases["single_image.input_ids"][None]
     images = _image_inputs(golden_cases, "single_image")
-
-    def run(**kw):
-        return model.generate(image_prompt, **images, max_new_tokens=6, compile=counter, **kw)
-
-    knobs.set_skip_blocks(model, [1])
-    run()
-    knobs.set_skip_blocks(model, [])
-    run()  # two skip sets compiled: prefill + decode each
-    warm = counter.frame_count
-    assert warm == 4
-    states = dict(model.decode_states)
-    ptrs = [t.data_ptr() for s in states.values() for t in (*s.cache.keys, *s.cache.values, s.tokens_BC)]
-
-    outputs = {}
-    for k in (1, 2):
-        knobs.set_top_k(model, k)
-        outputs[k] = run()
-        outputs[k, "call"] = run(top_k=3 - k)
-    knobs.set_top_k(model, [1, 2])
-    per_layer = run()
-    knobs.set_top_k(model, 2)
-    knobs.set_skip_blocks(model, [1])
-    skipped = run()
-    knobs.set_skip_blocks(model, [])
     # A different prompt in the same (batch, length, crops) bucket: shorter, other text tokens, other pixels.
     text = golden_cases["text_only.input_ids"][None]
-    other = torch.cat([image_prompt[:, :-4], text[:, 3:5]], dim=1)
+    other = torch.cat([prompt[:, :-4], text[:, 3:5]], dim=1)
     other_images = dict(images, images=images["images"].flip(-1))
-    assert bucket(other.shape[1]) == bucket(image_prompt.shape[1]) and images["image_input_idx"].max() < 38
-    other_out = model.generate(other, **other_images, max_new_tokens=6, compile=counter)
-    assert counter.frame_count == warm, "a knob or prompt change inside a bucket recompiled"
-    assert model.decode_states.keys() == states.keys()
-    assert ptrs == [t.data_ptr() for s in model.decode_states.values()
-                    for t in (*s.cache.keys, *s.cache.values, s.tokens_BC)], "the static cache was reallocated"
+    assert bucket(other.shape[1]) == bucket(prompt.shape[1]) and images["image_input_idx"].max() < other.shape[1]
 
-    # The runs did use the knobs: each equals the eager path under the same setting.
-    knobs.set_top_k(model, 1)
-    assert torch.equal(outputs[1], model.generate(image_prompt, **images, max_new_tokens=6))
-    assert torch.equal(outputs[1, "call"], model.generate(image_prompt, **images, max_new_tokens=6, top_k=2))
-    knobs.set_top_k(model, [1, 2])
-    assert torch.equal(per_layer, model.generate(image_prompt, **images, max_new_tokens=6))
-    knobs.set_top_k(model, 2)
+    def run(ids=prompt, imgs=images, compile=counter, **kw):
+        return model.generate(ids, **imgs, max_new_tokens=6, compile=compile, **kw)
+
     knobs.set_skip_blocks(model, [1])
-    assert torch.equal(skipped, model.generate(image_prompt, **images, max_new_tokens=6))
-    knobs.set_skip_blocks(model, [])
-    assert torch.equal(other_out, model.generate(other, **other_images, max_new_tokens=6))
-    assert not torch.equal(outputs[1], outputs[2])  # the knob changed the tokens, through the same graph
-
-    # A routing kind is a mode switch: one new graph per compiled function, not more.
-    kind = model.llm.blocks[0].moe.policy.kind
-    knobs.set_routing_policy(model, "topk" if kind == "topk_renorm" else "topk_renorm")
     run()
-    assert counter.frame_count == warm + 2
+    knobs.set_skip_blocks(model, [])
+    run()  # both skip sets compiled: a prefill and a decode graph each
+    warm = counter.frame_count
+    assert warm == 4
+    ptrs = {key: [t.data_ptr() for t in (*s.cache.keys, *s.cache.values, s.tokens_BC)]
+            for key, s in model.decode_states.items()}
+
+    compiled, eager = {}, {}
+    for name, apply in KNOB_SETTINGS.items():
+        _reset_knobs(model)
+        apply(model)
+        compiled[name], eager[name] = run(), run(compile=False)
+        compiled[name, "other"], eager[name, "other"] = run(other, other_images), run(other, other_images, False)
+    _reset_knobs(model)
+    compiled["call top_k=1"], eager["call top_k=1"] = run(top_k=1), run(top_k=1, compile=False)
+    compiled["call top_k per layer"] = run(top_k=[2, 1])
+    eager["call top_k per layer"] = run(top_k=[2, 1], compile=False)
+    assert counter.frame_count == warm, "a knob or prompt change inside a bucket recompiled"
+    assert {k: [t.data_ptr() for t in (*s.cache.keys, *s.cache.values, s.tokens_BC)]
+            for k, s in model.decode_states.items()} == ptrs, "the static cache was reallocated"
+
+    # A routing policy's value is data; its name is a mode switch: one new graph per compiled function.
+    for kind, values in (("top_p", (0.9, 0.3)), ("threshold", (0.3, 0.45))):
+        before = counter.frame_count
+        for value in values:
+            knobs.set_routing_policy(model, f"{kind}:{value}")
+            compiled[kind, value], eager[kind, value] = run(), run(compile=False)
+        assert counter.frame_count == before + 2, kind
+
+    for name in eager:  # the compiled runs did use each setting
+        assert torch.equal(compiled[name], eager[name]), name
+    assert len({tuple(t.flatten().tolist()) for t in eager.values()}) > 5  # the knobs changed the tokens
 
 
 def test_compiled_generate_cli(golden_dir, capsys):
@@ -175,11 +188,73 @@ def test_compiled_generate_cli(golden_dir, capsys):
     assert capsys.readouterr().out.split("\n")[:2] == [eager, eager]
 
 
+def test_eval_cli_compile_flag(golden_dir, tmp_path, monkeypatch):
+    """`python -m molmo_fast.eval --compile` generates through the compiled path (inductor swapped for aot_eager
+    here, for time) and scores exactly as eager."""
+    from molmo_fast.eval.__main__ import main
+    from molmo_fast.eval.config import EvalConfig
+    from molmo_fast.model import generate as generate_module
+
+    backends = []
+    real = generate_module.generate_compiled
+
+    def aot_eager(*args):
+        backends.append(args[-1])
+        return real(*args[:-1], "aot_eager")
+
+    monkeypatch.setattr(generate_module, "generate_compiled", aot_eager)
+    argv = ["--checkpoint", str(golden_dir / "tiny_model"), "--tasks", "synthetic_pointing", "--max_examples", "3",
+            "--max_new_tokens", "4", "--data_dir", str(tmp_path / "data")]
+    main([*argv, "--out", str(tmp_path / "eager")])
+    assert not backends
+    main([*argv, "--out", str(tmp_path / "compiled"), "--compile"])
+    assert backends and set(backends) == {"inductor"}
+    rows = [(tmp_path / run / "synthetic_pointing" / "predictions.jsonl").read_text() for run in ("eager", "compiled")]
+    assert rows[0] == rows[1]
+    with pytest.raises(ValueError, match="compile"):
+        EvalConfig(checkpoint="x", tasks="synthetic", compile=True, fsdp=True)
+
+
 def test_decode_states_are_per_bucket(model, golden_cases):
     ids = golden_cases["text_only.input_ids"][None]
+    counter = CompileCounter()
     before = len(model.decode_states)
-    model.generate(ids, max_new_tokens=2, compile="aot_eager")
-    model.generate(ids[:, :5], max_new_tokens=3, compile="aot_eager")  # same (batch, capacity) bucket
-    assert len(model.decode_states) == before + 1
-    model.generate(torch.cat([ids, ids], dim=1).repeat(1, 2), max_new_tokens=2, compile="aot_eager")
-    assert len(model.decode_states) == before + 2
+    model.generate(ids, max_new_tokens=2, compile=counter)
+    model.generate(ids[:, :5], max_new_tokens=3, compile=counter)  # same (batch, capacity) bucket: 16 + 3 -> 24
+    assert len(model.decode_states) == before + 1 and counter.frame_count == 2
+    model.generate(torch.cat([ids, ids], dim=1).repeat(1, 2), max_new_tokens=2, compile=counter)  # 60 -> 64 + 2
+    assert len(model.decode_states) == before + 2 and counter.frame_count == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_generation_equals_eager_without_recompiles(golden_dir, golden_cases, dtype):
+    """Inductor + CUDA graphs on the decode step: eager's ids for every knob setting, with no new dynamo graph and
+    no new Triton binary (inductor's or the MoE op's) once warm."""
+    from molmo_fast.kernels.triton_kernels import compiled_variants
+    from molmo_fast.model.molmoe import MolmoE
+
+    torch._dynamo.reset()
+    model = MolmoE.from_pretrained(golden_dir / "tiny_model", dtype=dtype, device="cuda")
+    prompt = golden_cases["single_image.input_ids"][None].cuda()
+    images = {k: v.cuda() for k, v in _image_inputs(golden_cases, "single_image").items()}
+
+    def run(**kw):
+        return model.generate(prompt, **images, max_new_tokens=12, **kw)
+
+    eager = {}
+    for name, apply in KNOB_SETTINGS.items():
+        _reset_knobs(model)
+        apply(model)
+        eager[name] = run()
+    _reset_knobs(model)
+    assert torch.equal(run(compile=True), eager["default"])
+    assert torch.equal(run(compile=True), eager["default"])  # replayed from the captured graph
+    graphs, binaries = torch._dynamo.utils.counters["stats"]["unique_graphs"], compiled_variants()
+    for name, apply in KNOB_SETTINGS.items():
+        _reset_knobs(model)
+        apply(model)
+        assert torch.equal(run(compile=True), eager[name]), name
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert compiled_variants() == binaries
+    torch._dynamo.reset()

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", action="store_true", default=None, help="teacher-forced loss/accuracy instead")
     p.add_argument("--fsdp", action="store_true", default=None, help="shard the model across torchrun ranks")
     p.add_argument("--overwrite", action="store_true", default=None, help="discard earlier results in --out")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="compiled generation (static KV cache, fullgraph decode, CUDA graphs on GPU); not with --fsdp")
     return p
 
 

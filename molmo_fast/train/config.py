@@ -207,7 +207,8 @@ class TrainConfig:
     moe_lb_weight: float = 0.0
     moe_zloss_weight: float = 0.0
     activation_checkpointing: bool = True
-    compile: bool = False
+    compile: bool = False  # torch.compile each ViT / LLM block
+    compile_model: bool = False  # torch.compile the whole model's forward instead (see runtime/parallelize.py)
     # Reduce-scatter once per step instead of per micro-batch: less traffic, but unsharded gradients of the whole
     # model are held on every rank during accumulation (tens of GB for molmoe-1b).
     defer_grad_sync: bool = False
@@ -226,6 +227,8 @@ class TrainConfig:
             _require(isinstance(value, int) and value > 0, "TrainConfig", name, value, "a positive int")
         for name in ("lm_zloss_weight", "moe_lb_weight", "moe_zloss_weight"):
             _require(getattr(self, name) >= 0, "TrainConfig", name, getattr(self, name), ">= 0")
+        _require(not (self.compile and self.compile_model), "TrainConfig", "compile_model", self.compile_model,
+                 "False when TrainConfig.compile (per block) is set: one compile switch at a time")
 
     def grad_accum_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
