@@ -69,6 +69,23 @@ def test_forward_fullgraph_matches_golden(model, golden_cases, case):
 
 
 @torch.no_grad()
+def test_forward_compile_keeps_its_graph_across_knob_values(model, golden_cases):
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    ids = golden_cases["single_image.input_ids"][None]
+    kw = _image_inputs(golden_cases, "single_image")
+    knobs.set_routing_policy(model, "top_p:0.9")
+    logits = [compiled(ids, **kw).logits]
+    for change in (lambda: knobs.set_top_k(model, 1), lambda: knobs.set_top_k(model, 1, kind="image"),
+                   lambda: knobs.set_routing_policy(model, "top_p:0.2")):
+        change()
+        logits.append(compiled(ids, **kw).logits)
+        torch.testing.assert_close(logits[-1], model(ids, **kw).logits, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+    assert not torch.equal(logits[0], logits[1])
+
+
+@torch.no_grad()
 def test_inductor_forward_matches_eager(model, golden_cases):
     ids = golden_cases["text_only.input_ids"][None]
     compiled = torch.compile(model, fullgraph=True)

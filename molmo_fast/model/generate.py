@@ -37,7 +37,7 @@ def generate(model, input_ids: torch.Tensor, images: torch.Tensor | None = None,
     eos = eos_token_id if eos_token_id is not None else gen_cfg.get("eos_token_id")
     pad = pad_token_id if pad_token_id is not None else gen_cfg.get("pad_token_id", model.config.llm.pad_token_id)
     max_new_tokens = max_new_tokens if max_new_tokens is not None else gen_cfg.get("max_new_tokens", 20)
-    if compile:
+    if compile and max_new_tokens > 0:  # with nothing to decode, the eager prefill is the same work
         return generate_compiled(model, input_ids, images, image_masks, image_input_idx, max_new_tokens, eos, pad,
                                  top_k, output_logits, sync_ranks, group, "inductor" if compile is True else compile)
     B, S = input_ids.shape
