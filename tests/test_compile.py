@@ -275,3 +275,13 @@ def test_cuda_graph_generation_equals_eager_without_recompiles(golden_dir, golde
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert compiled_variants() == binaries
     torch._dynamo.reset()
+
+
+def test_train_config_takes_one_compile_switch():
+    from molmo_fast.train.config import TrainConfig
+
+    assert TrainConfig(run_dir="runs/x", compile_model=True, activation_checkpointing=False).compile_model
+    with pytest.raises(ValueError, match="compile_model"):
+        TrainConfig(run_dir="runs/x", compile=True, compile_model=True, activation_checkpointing=False)
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        TrainConfig(run_dir="runs/x", compile_model=True)

@@ -21,9 +21,8 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
 def parallelize(model: nn.Module, device: torch.device, *, bf16: bool, activation_checkpointing: bool,
                 compile_blocks: bool, compile_model: bool = False) -> nn.Module:
     """Shards `model` in place across the default process group and returns it. `compile_model` compiles the
-    root's forward as a whole (after sharding; dynamo runs the per-block FSDP and checkpoint hooks eagerly, so
-    the graph is split at block boundaries, but the code between blocks -- embeddings, image scatter, masks,
-    RoPE, LM head -- is compiled too)."""
+    root's forward as a whole, after sharding; it needs activation_checkpointing=False (TrainConfig checks): the
+    per-block checkpoint recomputes a block eagerly and then finds other saved tensors than the compiled graph's."""
     # Mixed precision only on CUDA: bf16 matmuls on CPU are slow and the CPU path exists for exact tests.
     if device.type == "cuda" and bf16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

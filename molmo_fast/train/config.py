@@ -229,6 +229,9 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, "TrainConfig", name, getattr(self, name), ">= 0")
         _require(not (self.compile and self.compile_model), "TrainConfig", "compile_model", self.compile_model,
                  "False when TrainConfig.compile (per block) is set: one compile switch at a time")
+        # The per-block checkpoint recomputes the block eagerly; its saved tensors differ from the compiled graph's.
+        _require(not (self.compile_model and self.activation_checkpointing), "TrainConfig", "compile_model",
+                 self.compile_model, "False with activation_checkpointing = True (set that False to compile the model)")
 
     def grad_accum_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
