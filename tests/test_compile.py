@@ -285,3 +285,25 @@ def test_train_config_takes_one_compile_switch():
         TrainConfig(run_dir="runs/x", compile=True, compile_model=True, activation_checkpointing=False)
     with pytest.raises(ValueError, match="activation_checkpointing"):
         TrainConfig(run_dir="runs/x", compile_model=True)
+
+
+def test_generation_bench_compile_columns(monkeypatch):
+    """bench/generation.py --compile reports eager vs compiled prefill / decode and their ratio (inductor swapped
+    for aot_eager, for time)."""
+    import importlib.util
+    from pathlib import Path
+
+    from molmo_fast.model import generate as generate_module
+
+    real = generate_module.generate_compiled
+    monkeypatch.setattr(generate_module, "generate_compiled", lambda *args: real(*args[:-1], "aot_eager"))
+    spec = importlib.util.spec_from_file_location("generation_bench",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "generation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (row,) = bench.main(["--tiny", "--device", "cpu", "--top_k", "2", "--max_crops", "1", "--new_tokens", "3",
+                         "--prompt_len", "5", "--compile", "--override", "n_layers=1"])["rows"]
+    c = row["compile"]
+    assert row["knobs"]["moe_top_k"] == [2]  # the override reached the model
+    assert c["eager_prefill_ms"] > 0 and c["compiled_prefill_ms"] > 0
+    assert c["prefill_speedup"] == pytest.approx(c["eager_prefill_ms"] / c["compiled_prefill_ms"])
