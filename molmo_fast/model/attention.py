@@ -51,6 +51,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.key_valid_BS: torch.Tensor | None = None
+        self._pending_valid_BK: torch.Tensor | None = None  # between prepare() and commit()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k/v [B, H, S, d] after the filled part; return all keys/values so far."""

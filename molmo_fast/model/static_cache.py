@@ -24,6 +24,7 @@ class StaticKVCache:
         self.key_valid_BC = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the slot the next decode step writes
         self.decoding = False  # Python-level: prefill and decode are different graphs anyway
+        self._prefill_len = 0
         for t in (*self.keys, *self.values, self.key_valid_BC, self.slot):
             torch._dynamo.mark_static_address(t)
 
