@@ -2,6 +2,7 @@
 
     python bench/generation.py [--top_k 1,2,4,8] [--max_crops 1,4,12] [--out bench/generation.json]
     python bench/generation.py --tiny --device cpu      # seconds-long smoke run of the script itself
+    python bench/generation.py --compile ...            # + eager vs generate(compile=True) columns
 
 The model is the molmoe-1b config with random weights (bf16 on GPU): routing on random weights is not the
 trained model's, but every knob's cost (tokens routed per expert aside) is the same. Prompts are synthetic and
@@ -18,6 +19,8 @@ dtype, device, total / active parameters).
 import argparse
 import json
 import platform
+import statistics
+import time
 from datetime import datetime, timezone
 
 import torch
@@ -46,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--moe_impl", help="molmo_fast.kernels.moe_mlp implementation (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and synthetic prompts")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="HF config.json field over the preset (JSON value), repeatable, e.g. --override n_layers=8")
+    p.add_argument("--compile", action="store_true",
+                   help="also time generate(compile=True) (static cache, compiled decode, CUDA graphs on GPU) and "
+                        "eager with the same wall-clock method: eager vs compiled prefill ms, decode ms/token, ratio")
     args = p.parse_args(argv)
     tiny = args.tiny
     args.top_k = _ints(args.top_k or ("1,2" if tiny else "1,2,4,8"), "--top_k")
@@ -73,6 +81,14 @@ def _ints(spec: str, flag: str) -> list[int]:
 
 def build_model(args) -> MolmoE:
     cfg = MolmoEConfig.from_name("tiny" if args.tiny else "molmoe-1b")
+    if args.override:
+        d = cfg.to_hf_dict()
+        for item in args.override:
+            key, _, value = item.partition("=")
+            if key not in d:
+                raise SystemExit(f"--override {item!r}: {key!r} is not a config.json field")
+            d[key] = json.loads(value)
+        cfg = MolmoEConfig.from_hf_dict(d, source="--override")
     # Cast on the meta device, then materialise: the weights are drawn directly in the bench dtype (half the peak
     # memory of an fp32 init for bf16).
     model = MolmoE.from_config_on_meta(cfg).to(args.dtype).init_weights(args.seed, device=args.device).eval()
@@ -119,6 +135,35 @@ def measure(model: MolmoE, prompt: dict[str, torch.Tensor], new_tokens: int, rep
     }
 
 
+def measure_compiled(model: MolmoE, prompt: dict[str, torch.Tensor], new_tokens: int, repeats: int) -> dict:
+    """Eager vs `generate(compile=True)`, both by wall clock: prefill = generate(max_new_tokens=1), decode ms/token =
+    (generate(new_tokens) - prefill) / (new_tokens - 1); medians of `repeats` after a warm-up run (which compiles)."""
+    sync = torch.cuda.synchronize if prompt["input_ids"].is_cuda else (lambda: None)
+
+    def wall_ms(n: int, compile: bool) -> float:
+        def run():
+            model.generate(prompt["input_ids"], prompt["images"], prompt["image_masks"], prompt["image_input_idx"],
+                           max_new_tokens=n, compile=compile)
+            sync()
+        run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(1e3 * (time.perf_counter() - start))
+        return statistics.median(times)
+
+    row = {}
+    for name, compile in (("eager", False), ("compiled", True)):
+        prefill = wall_ms(1, compile)
+        row[f"{name}_prefill_ms"] = prefill
+        row[f"{name}_decode_ms_per_token"] = max(wall_ms(new_tokens, compile) - prefill, 0.0) / (new_tokens - 1)
+    row["prefill_speedup"] = row["eager_prefill_ms"] / row["compiled_prefill_ms"]
+    row["decode_speedup"] = (row["eager_decode_ms_per_token"] / row["compiled_decode_ms_per_token"]
+                             if row["compiled_decode_ms_per_token"] else None)
+    return row
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -140,11 +185,16 @@ def main(argv=None) -> dict:
             print(f"{k:>5} {max_crops:>5} {row['prompt_tokens']:>6} {row['prefill_ms']:>10.2f} "
                   f"{row['prefill_tok_s']:>13.1f} {row['decode_ms_per_token']:>9.2f} {decode_rate:>12} "
                   f"{row['params_active'] / 1e6:>13.1f}M")
+            if args.compile:
+                row["compile"] = c = measure_compiled(model, prompt, args.new_tokens, args.repeats)
+                print(f"{'':>11} prefill ms eager {c['eager_prefill_ms']:.2f} compiled {c['compiled_prefill_ms']:.2f}"
+                      f" ({c['prefill_speedup']:.2f}x); decode ms/token eager {c['eager_decode_ms_per_token']:.2f}"
+                      f" compiled {c['compiled_decode_ms_per_token']:.2f} ({c['decode_speedup'] or 0:.2f}x)")
     env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
            "python": platform.python_version(), "device": args.device,
            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
            "config": "tiny" if args.tiny else "molmoe-1b", "dtype": str(args.dtype).removeprefix("torch."),
-           "repeats": args.repeats}
+           "repeats": args.repeats, "overrides": args.override}
     print("# " + json.dumps(env))
     result = {"env": env, "rows": rows}
     if args.out:

@@ -27,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and compute dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="compiled generation (static KV cache, fullgraph decode step, CUDA graphs on GPU); "
+                        "optionally a torch.compile backend other than inductor, e.g. aot_eager")
     return p.parse_args(argv)
 
 
@@ -43,7 +46,8 @@ def main(argv=None) -> str:
     eos = model.generation_config.get("eos_token_id")
     out = model.generate(batch["input_ids"], batch.get("images"), batch.get("image_masks"),
                          batch.get("image_input_idx"), max_new_tokens=args.max_new_tokens,
-                         eos_token_id=processor.tokenizer.eos_id if eos is None else eos)
+                         eos_token_id=processor.tokenizer.eos_id if eos is None else eos,
+                         compile=args.compile or False)
     answer = processor.decode(out[0, batch["input_ids"].shape[1]:]).strip()
     print(answer)
     return answer

@@ -9,6 +9,27 @@
 * Max image crops: a preprocessing setting; recorded on the model and pushed into a `Processor` when given.
 * Max new tokens: the default of `model.generate`.
 
+What a change costs a warm compiled model (`torch.compile(model)` or `model.generate(..., compile=True)`), as
+tests/test_compile.py asserts with dynamo's graph counts ("graph": one per compiled function -- generate compiles a
+prefill and a decode step -- kept in dynamo's cache, so switching back later costs nothing):
+
+| change                                                              | cost                                       |
+|---------------------------------------------------------------------|--------------------------------------------|
+| top-k, global or per layer (<= the layer's K_max)                   | none (buffer data)                         |
+| per-kind top-k cap (image / text / generated)                       | none (buffer data)                         |
+| `generate(top_k=...)` per call, int or per layer (compile=True)     | none (passed as tensors)                   |
+| routing policy value (top_p:0.9 -> top_p:0.5, threshold:T)          | none (buffer data)                         |
+| routing policy name (topk -> top_p)                                 | one new graph                              |
+| skip-block set already compiled / a new one                         | none / one new graph                       |
+| prompt and image contents, batch contents, lengths within a bucket  | none (generate(compile=True) buckets)      |
+| new (batch, length, crops) bucket; max_crops / max_new_tokens that  | one prefill graph; a new (batch, capacity) |
+| select a new bucket                                                 | also a decode graph and its static cache   |
+| top-k above a layer's K_max, moe_impl, dtype, device                | one new graph (a shape / kernel change)    |
+
+No knob in the "none" rows changes a shape, so no Triton kernel (the MoE op's or inductor's) is recompiled or
+re-autotuned either. A bare `torch.compile(model)` called with a Python int `top_k=` specialises on it: pass a
+0-d tensor there.
+
 `describe(model)` returns the current settings as a JSON-able dict for eval / bench / study records;
 `reset_routing_stats` / `routing_stats` read the MoE layers' on-device counts of routed tokens and active
 (token, expert) pairs per kind.

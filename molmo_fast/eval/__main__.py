@@ -26,7 +26,7 @@ def _top_k(text: str) -> int | list[int]:
 
 _TYPES = {"step": int, "max_examples": int, "batch_size": int, "num_workers": int, "max_crops": int,
           "max_new_tokens": int, "synthetic_seed": int, "top_k": _top_k}
-_SWITCHES = ("loss", "fsdp", "overwrite")
+_SWITCHES = ("loss", "fsdp", "overwrite", "compile")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ class EvalConfig:
     max_new_tokens: int | None = None
     loss: bool = False
     fsdp: bool = False
+    compile: bool = False  # generate(compile=True): static KV cache, compiled decode step, CUDA graphs on GPU
     overwrite: bool = False
     synthetic_seed: int = 0  # held out from training by the split name ("validation"), not the seed
 
@@ -47,6 +48,8 @@ class EvalConfig:
             parse_tasks(self.tasks)
         except KeyError as e:
             raise ValueError(f"EvalConfig.tasks = {self.tasks!r}: {e.args[0]}") from None
+        if self.compile and self.fsdp:  # FSDP's per-block hooks would break the fullgraph decode step
+            raise ValueError("EvalConfig.compile = True needs fsdp = False (compiled generation runs unsharded)")
         if self.dtype not in DTYPES:
             raise ValueError(f"EvalConfig.dtype = {self.dtype!r}, expected one of {sorted(DTYPES)}")
         parsed = knobs.Knobs.parse(self.knobs)
@@ -78,4 +81,5 @@ FIELD_HELP = {
     "fsdp": "shard the model across the torchrun ranks (FSDP2) instead of a full copy per rank",
     "overwrite": "discard this run's earlier results in OUT instead of resuming them",
     "synthetic_seed": "seed of generated synthetic task shards",
+    "compile": "compiled generation (static KV cache, fullgraph decode step, CUDA graphs on GPU); not with --fsdp",
 }

@@ -77,7 +77,7 @@ def generate_task(task: Task, model: MolmoE, pre: Preprocessor, cfg: EvalConfig,
             inputs = model_inputs(batch, device, dtype)
             ids = model.generate(inputs["input_ids"], inputs["images"], inputs["image_masks"],
                                  inputs["image_input_idx"], max_new_tokens=max_new_tokens,
-                                 eos_token_id=pre.tokenizer.eos_id, sync_ranks=cfg.fsdp)
+                                 eos_token_id=pre.tokenizer.eos_id, sync_ranks=cfg.fsdp, compile=cfg.compile)
             new_tokens = ids[:, inputs["input_ids"].shape[1]:].cpu()
             for i in todo:
                 text = _decode_new(pre, new_tokens[i])

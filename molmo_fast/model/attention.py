@@ -51,6 +51,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.key_valid_BS: torch.Tensor | None = None
+        self._pending_valid_BK: torch.Tensor | None = None  # between prepare() and commit()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k/v [B, H, S, d] after the filled part; return all keys/values so far."""
@@ -66,6 +67,32 @@ class KVCache:
         cache_k[:, :, start:end] = k
         cache_v[:, :, start:end] = v
         return cache_k[:, :, :end], cache_v[:, :, :end]
+
+    @property
+    def has_past(self) -> bool:
+        return self.length > 0
+
+    def prepare(self, valid_BS: torch.Tensor, subsegment_ids_BS: torch.Tensor | None = None,
+                right_padded: bool = False) -> torch.Tensor | None:
+        """Before the blocks: note this step's validity after the past's; return the attention mask."""
+        if not self.length:
+            self._pending_valid_BK = valid_BS
+            return self_attention_mask(valid_BS, subsegment_ids_BS, right_padded)
+        self._pending_valid_BK = torch.cat([self.key_valid_BS, valid_BS], dim=1)
+        return build_attention_mask(self._pending_valid_BK, valid_BS.shape[1], subsegment_ids_BS)
+
+    def commit(self) -> None:
+        """After the blocks: the step's keys are now part of the past."""
+        self.length, self.key_valid_BS = self._pending_valid_BK.shape[1], self._pending_valid_BK
+
+
+def self_attention_mask(valid_BS: torch.Tensor, subsegment_ids_BS: torch.Tensor | None,
+                        right_padded: bool) -> torch.Tensor | None:
+    """Mask of a forward without a past. None when `right_padded` (and no subsegments): every valid query's keys
+    0..i are valid, so plain causal attention is exact where it matters."""
+    if right_padded and subsegment_ids_BS is None:
+        return None
+    return build_attention_mask(valid_BS, valid_BS.shape[1], subsegment_ids_BS)
 
 
 def build_attention_mask(key_valid_BK: torch.Tensor, q_len: int, subsegment_ids_BS: torch.Tensor | None,

@@ -7,10 +7,13 @@ With `sync_ranks`, "every row" means every row of every rank in the process grou
 is a collective, so ranks must stop on the same step.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
 from molmo_fast.model.attention import KVCache
+from molmo_fast.model.compiled_generate import all_finished, generate_compiled
 from molmo_fast.model.moe import GENERATED, PAD
 
 
@@ -34,12 +37,15 @@ def generate(model, input_ids: torch.Tensor, images: torch.Tensor | None = None,
              image_masks: torch.Tensor | None = None, image_input_idx: torch.Tensor | None = None,
              max_new_tokens: int | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
              top_k=None, output_logits: bool = False, sync_ranks: bool = False,
-             group: dist.ProcessGroup | None = None):
+             group: dist.ProcessGroup | None = None, compile: bool | str | Callable = False):
     """Returns ids [B, S + n] (n <= max_new_tokens), plus the per-step logits [B, n, V] with `output_logits`.
 
     `eos_token_id` / `pad_token_id` / `max_new_tokens` default to `model.generation_config`; `top_k` is the MoE
     top-k override of `MolmoE.forward`. `sync_ranks=True` (needs an initialised process group; `group` defaults
-    to the world) all-reduces the "all rows finished" flag every step, so every rank returns the same n."""
+    to the world) all-reduces the "all rows finished" flag every step, so every rank returns the same n.
+    `compile=True` runs the compiled path (`molmo_fast.model.compiled_generate`: static KV cache per shape bucket,
+    fullgraph decode step, CUDA graphs on GPU) with identical results; a string or callable there names the
+    torch.compile backend instead of inductor ("aot_eager" / "eager" compile in seconds, for tests)."""
     if sync_ranks and not dist.is_initialized():
         raise ValueError("generate(sync_ranks=True) needs an initialised torch.distributed process group")
 
@@ -48,6 +54,9 @@ def generate(model, input_ids: torch.Tensor, images: torch.Tensor | None = None,
     eos = eos_token_id if eos_token_id is not None else gen_cfg.get("eos_token_id")
     pad = pad_token_id if pad_token_id is not None else gen_cfg.get("pad_token_id", model.config.llm.pad_token_id)
     max_new_tokens = max_new_tokens if max_new_tokens is not None else gen_cfg.get("max_new_tokens", 20)
+    if compile and max_new_tokens > 0:  # with nothing to decode, the eager prefill is the same work
+        return generate_compiled(model, input_ids, images, image_masks, image_input_idx, max_new_tokens, eos, pad,
+                                 top_k, output_logits, sync_ranks, group, "inductor" if compile is True else compile)
     B, S = input_ids.shape
     input_ids = input_ids.long()
     valid = input_ids != -1
@@ -70,7 +79,7 @@ def generate(model, input_ids: torch.Tensor, images: torch.Tensor | None = None,
             token = token.masked_fill(finished, pad)
             finished = finished | (token == eos)
         new_tokens.append(token)
-        if step == max_new_tokens - 1 or (eos is not None and _all_finished(finished, sync_ranks, group)):
+        if step == max_new_tokens - 1 or (eos is not None and all_finished(finished, sync_ranks, group)):
             break
         kind = torch.where(finished, PAD, GENERATED).to(torch.int8).unsqueeze(1)  # finished rows' tokens: padding
         out = model(token.unsqueeze(1), position_ids=next_pos, past_key_values=cache, use_cache=True, top_k=top_k,
@@ -82,10 +91,3 @@ def generate(model, input_ids: torch.Tensor, images: torch.Tensor | None = None,
         return ids, torch.stack(step_logits, dim=1) if step_logits else logits.new_zeros(B, 0, logits.shape[-1])
     return ids
 
-
-def _all_finished(finished: torch.Tensor, sync_ranks: bool, group: dist.ProcessGroup | None) -> bool:
-    if not sync_ranks:
-        return bool(finished.all())
-    pending = (~finished).any().to(torch.int32)  # 0-dim, on the rows' device (gloo for CPU, NCCL for CUDA)
-    dist.all_reduce(pending, op=dist.ReduceOp.MAX, group=group)
-    return not bool(pending)

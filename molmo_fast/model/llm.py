@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from molmo_fast.config import MolmoEConfig
-from molmo_fast.model.attention import Attention, KVCache, RMSNorm, build_attention_mask, rope_cos_sin
+from molmo_fast.model.attention import Attention, KVCache, RMSNorm, rope_cos_sin, self_attention_mask
 from molmo_fast.model.dropout import ResidualDropout
 from molmo_fast.model.moe import PAD, MoE, load_balancing_loss, router_z_loss, token_kinds
+from molmo_fast.model.static_cache import StaticKVCache
 
 
 class Embedding(nn.Module):
@@ -53,7 +54,7 @@ class Block(nn.Module):
 @dataclass
 class LLMOutput:
     logits: torch.Tensor
-    past_key_values: KVCache | None
+    past_key_values: KVCache | StaticKVCache | None
     router_logits: list[torch.Tensor] | None
     aux_loss: torch.Tensor | None
 
@@ -71,7 +72,7 @@ class LLM(nn.Module):
 
     def forward(self, input_ids_BS: torch.Tensor, image_features_BMD: torch.Tensor | None = None,
                 image_input_idx_BM: torch.Tensor | None = None, position_ids_BS: torch.Tensor | None = None,
-                subsegment_ids_BS: torch.Tensor | None = None, past_key_values: KVCache | None = None,
+                subsegment_ids_BS: torch.Tensor | None = None, past_key_values: KVCache | StaticKVCache | None = None,
                 use_cache: bool = False, output_router_logits: bool = False,
                 top_k: int | list | torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
                 right_padded: bool = False, response_mask_BS: torch.Tensor | None = None,
@@ -90,19 +91,17 @@ class LLM(nn.Module):
             idx = image_input_idx_BM.clamp_min(0).long().unsqueeze(-1).expand(-1, -1, x.shape[-1])
             x = x.scatter_add(1, idx, (image_features_BMD * keep).to(x.dtype))
         x = F.dropout(x, self.cfg.dropout.embedding, self.training)
+        # Either cache kind (KVCache, StaticKVCache) builds the mask over its keys and commits after the blocks.
         cache = past_key_values if past_key_values is not None or not use_cache else KVCache(len(self.blocks))
-        past_valid = cache.key_valid_BS if cache is not None and cache.length else None
         if position_ids_BS is None:
-            if past_valid is not None:
+            if cache is not None and cache.has_past:
                 raise ValueError("position_ids are required when decoding with past_key_values")
             position_ids_BS = (valid_BS.cumsum(-1) - 1).clamp_min(0)
         cos, sin = rope_cos_sin(position_ids_BS, self.cfg.llm.head_dim, self.cfg.llm.rope_theta)
-        key_valid = valid_BS if past_valid is None else torch.cat([past_valid, valid_BS], dim=1)
-        if right_padded and past_valid is None and subsegment_ids_BS is None:
-            # Every valid query's keys 0..i are valid, so plain causal attention is exact where it matters.
-            mask = None
+        if cache is None:
+            mask = self_attention_mask(valid_BS, subsegment_ids_BS, right_padded)
         else:
-            mask = build_attention_mask(key_valid, valid_BS.shape[1], subsegment_ids_BS)
+            mask = cache.prepare(valid_BS, subsegment_ids_BS, right_padded)
 
         per_layer_k = top_k if isinstance(top_k, (list, tuple)) else [top_k] * len(self.blocks)
         weights = self.cfg.moe
@@ -120,7 +119,7 @@ class LLM(nn.Module):
                         + weights.z_loss_weight * router_z_loss(logits_TE, valid_T))
                 aux_loss = loss if aux_loss is None else aux_loss + loss
         if cache is not None:
-            cache.length, cache.key_valid_BS = key_valid.shape[1], key_valid
+            cache.commit()
         if logits_at is not None:  # e.g. only each row's last prompt token during generation
             x = x.gather(1, logits_at.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         logits = self.lm_head(self.ln_f(x))

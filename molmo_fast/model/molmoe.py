@@ -18,6 +18,7 @@ from molmo_fast.model.connector import Connector
 from molmo_fast.model.generate import generate
 from molmo_fast.model.hf_checkpoint import SafetensorsReader, load_hf_state_dict, read_json, save_hf_safetensors
 from molmo_fast.model.llm import LLM
+from molmo_fast.model.static_cache import StaticKVCache
 from molmo_fast.model.vit import VisionTransformer
 
 INIT_SCHEMES = ("default", "fan_in")
@@ -46,6 +47,7 @@ class MolmoE(nn.Module):
         self.vit_layer_idx = [layer % n for layer in config.connector.vit_layers]
         self.generation_config = {"eos_token_id": None, "pad_token_id": config.llm.pad_token_id}
         self.max_crops = config.connector.max_crops  # preprocessing budget a Processor should use (a knob)
+        self.decode_states: dict = {}  # compiled generation's static caches, one per shape bucket (compiled_generate)
 
     # ---------------------------------------------------------------- forward
     def encode_images(self, images: torch.Tensor, image_masks: torch.Tensor | None = None,
@@ -56,12 +58,12 @@ class MolmoE(nn.Module):
         B, N, P, C = images.shape
         crops = images.reshape(B * N, P, C)
         is_pad_crop = (crops == -1).all(dim=-1).all(dim=-1)  # batch-padding crops are all -1
-        if self.training:
-            # Static shapes for compile: run every crop, zero the padding ones afterwards.
+        if self.training or torch.compiler.is_compiling():
+            # Static shapes (training, torch.compile, CUDA graphs): run every crop, zero the padding ones afterwards.
             feats = self._vit_features(crops) * (~is_pad_crop).to(crops.dtype).view(-1, 1, 1)
         else:
-            # Inference batches mix images with different crop counts; the ViT dominates prefill, so run it on
-            # the real crops only (one host sync) and leave the padding crops' features at zero.
+            # Eager inference batches mix images with different crop counts; the ViT dominates prefill, so run it
+            # on the real crops only (one host sync) and leave the padding crops' features at zero.
             keep = (~is_pad_crop).nonzero().squeeze(1)
             real = self._vit_features(crops[keep])
             feats = real.new_zeros(B * N, *real.shape[1:]).index_copy(0, keep, real)
@@ -75,7 +77,7 @@ class MolmoE(nn.Module):
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
                 image_masks: torch.Tensor | None = None, image_input_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, subsegment_ids: torch.Tensor | None = None,
-                past_key_values: KVCache | None = None, use_cache: bool = False,
+                past_key_values: KVCache | StaticKVCache | None = None, use_cache: bool = False,
                 output_router_logits: bool = False, top_k: int | list | torch.Tensor | None = None,
                 logits_at: torch.Tensor | None = None, right_padded: bool = False,
                 response_mask: torch.Tensor | None = None, token_kind: torch.Tensor | None = None) -> MolmoEOutput:

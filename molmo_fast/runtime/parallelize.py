@@ -19,8 +19,10 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 
 def parallelize(model: nn.Module, device: torch.device, *, bf16: bool, activation_checkpointing: bool,
-                compile_blocks: bool) -> nn.Module:
-    """Shards `model` in place across the default process group and returns it."""
+                compile_blocks: bool, compile_model: bool = False) -> nn.Module:
+    """Shards `model` in place across the default process group and returns it. `compile_model` compiles the
+    root's forward as a whole, after sharding; it needs activation_checkpointing=False (TrainConfig checks): the
+    per-block checkpoint recomputes a block eagerly and then finds other saved tensors than the compiled graph's."""
     # Mixed precision only on CUDA: bf16 matmuls on CPU are slow and the CPU path exists for exact tests.
     if device.type == "cuda" and bf16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -38,4 +40,6 @@ def parallelize(model: nn.Module, device: torch.device, *, bf16: bool, activatio
         # Backward starts with the last block, so resharding its parameters after forward would be waste.
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=block is not blocks[-1])
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if compile_model:
+        model.forward = torch.compile(model.forward)  # forward only: parameter names keep no `_orig_mod` prefix
     return model

@@ -215,7 +215,8 @@ class TrainConfig:
     moe_lb_weight: float = 0.0
     moe_zloss_weight: float = 0.0
     activation_checkpointing: bool = True
-    compile: bool = False
+    compile: bool = False  # torch.compile each ViT / LLM block
+    compile_model: bool = False  # torch.compile the whole model's forward instead (see runtime/parallelize.py)
     # Reduce-scatter once per step instead of per micro-batch: less traffic, but unsharded gradients of the whole
     # model are held on every rank during accumulation (tens of GB for molmoe-1b).
     defer_grad_sync: bool = False
@@ -258,6 +259,11 @@ class TrainConfig:
                 _require(task.synthetic_size > 0 or (shards / "sizes.json").is_file(), "TrainConfig", "eval_tasks",
                          task.name, f"a built shard set at {shards} (python -m molmo_fast.data.build --source "
                          f"{task.source} --split {task.split} --out {shards}), or TrainConfig.eval_data_dir")
+        _require(not (self.compile and self.compile_model), "TrainConfig", "compile_model", self.compile_model,
+                 "False when TrainConfig.compile (per block) is set: one compile switch at a time")
+        # The per-block checkpoint recomputes the block eagerly; its saved tensors differ from the compiled graph's.
+        _require(not (self.compile_model and self.activation_checkpointing), "TrainConfig", "compile_model",
+                 self.compile_model, "False with activation_checkpointing = True (set that False to compile the model)")
 
     def grad_accum_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size

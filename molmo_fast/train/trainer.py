@@ -133,7 +133,7 @@ def build_model(cfg: Config, env: Env) -> nn.Module:
         full_sd = source.state_dict()
     model = MolmoE.from_config_on_meta(mcfg)
     parallelize(model, env.device, bf16=cfg.train.bf16, activation_checkpointing=cfg.train.activation_checkpointing,
-                compile_blocks=cfg.train.compile)
+                compile_blocks=cfg.train.compile, compile_model=cfg.train.compile_model)
     model.to_empty(device=env.device)
     ckpt.load_full_state_dict(model, full_sd)
     model.reset_runtime_buffers()
