@@ -280,11 +280,12 @@ def test_cuda_graph_generation_equals_eager_without_recompiles(golden_dir, golde
 def test_train_config_takes_one_compile_switch():
     from molmo_fast.train.config import TrainConfig
 
-    assert TrainConfig(run_dir="runs/x", compile_model=True, activation_checkpointing=False).compile_model
+    base = dict(run_dir="runs/x", max_steps=10, global_batch_size=8)
+    assert TrainConfig(**base, compile_model=True, activation_checkpointing=False).compile_model
     with pytest.raises(ValueError, match="compile_model"):
-        TrainConfig(run_dir="runs/x", compile=True, compile_model=True, activation_checkpointing=False)
+        TrainConfig(**base, compile=True, compile_model=True, activation_checkpointing=False)
     with pytest.raises(ValueError, match="activation_checkpointing"):
-        TrainConfig(run_dir="runs/x", compile_model=True)
+        TrainConfig(**base, compile_model=True)
 
 
 def test_generation_bench_compile_columns(monkeypatch):
