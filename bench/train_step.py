@@ -11,8 +11,8 @@ does not fit one GPU). Activation checkpointing per block is on by default on CU
 on CPU (as in gin/tiny.gin). All impls share one model (same weights; `MoE.impl` is switched between steps) and run
 interleaved, one step each per round, so machine load hits them alike. Per row: step time min / median / max, minor
 page faults per step (getrusage), peak RSS during its steps (CPU) or peak allocated memory (CUDA), MFU on CUDA.
-Presets: the config presets (molmoe-1b, tiny) plus `mid`: tiny's vision tower with d_model 512, 4 layers, 64
-experts top-8, expert width 512.
+Presets: the config presets (molmoe-1b, tiny) plus `mid` (tiny's vision tower with d_model 512, 4 layers, 64
+experts top-8, expert width 512) and `demo` (gin/demo.gin's model: run it with --seq_len 48 --micro_batch 32).
 """
 
 import argparse
@@ -28,8 +28,11 @@ from molmo_fast.train.config import TrainConfig
 from molmo_fast.train.metrics import FlopCounter, peak_flops
 from molmo_fast.train.trainer import loss_positions, micro_batch_loss
 
-BENCH_PRESETS = {"mid": ("tiny", dict(d_model=512, n_heads=8, n_layers=4, moe_num_experts=64, moe_top_k=8,
-                                      mlp_hidden_size=1024))}  # SwiGLU input width 1024: expert width 512
+BENCH_PRESETS = {
+    "mid": ("tiny", dict(d_model=512, n_heads=8, n_layers=4, moe_num_experts=64, moe_top_k=8,
+                         mlp_hidden_size=1024)),  # SwiGLU input width 1024: expert width 512
+    "demo": ("tiny", dict(vocab_size=50280, embedding_size=50304, max_crops=1)),  # gin/demo.gin's model
+}
 
 
 def model_config(preset: str) -> MolmoEConfig:
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--preset", help="model preset: molmoe-1b, tiny or mid (default: molmoe-1b on CUDA, mid on CPU)")
+    p.add_argument("--preset", help="model preset: molmoe-1b, tiny, mid or demo (default: molmoe-1b on CUDA, mid on CPU)")
     p.add_argument("--seq_len", type=int, help="tokens per sequence (default: 2304 on CUDA, 256 on CPU)")
     p.add_argument("--micro_batch", type=int, help="sequences per step (default: 4 on CUDA, 8 on CPU)")
     p.add_argument("--impls", help="comma-separated MoE impls (default: loop,grouped_mm,triton on CUDA, "
