@@ -81,13 +81,17 @@ def _fwd_bmm(x_TD, w_gate_up_EHD, w_down_EDH, expert_P, pairs: _Pairs, h_P2H, o_
 
 
 def moe_fwd(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, save: bool = True, strategy: str | None = None):
-    """Returns (y_TD, routing, h_P2H); h (pooled; rows past the active pairs unwritten) is kept only when `save`."""
+    """Returns (y_TD, routing, h_P2H); h (pooled; rows past the active pairs zero) is kept only when `save`."""
     T, D = x_TD.shape
     E, H2, _ = w_gate_up_EHD.shape
     K = expert_idx_TK.shape[1]
     routing = route(expert_idx_TK, E)
     pairs = _Pairs(routing, weight_TK)
-    h_P2H = pooled_empty((T * K, H2), torch.float32) if save else _ws("h", pairs.n, H2)
+    if save:  # zeroed tail: the op's outputs stay a function of its inputs (opcheck, compile)
+        h_P2H = pooled_empty((T * K, H2), torch.float32)
+        h_P2H[pairs.n :].zero_()
+    else:
+        h_P2H = _ws("h", pairs.n, H2)
     o_P1D = _ws("o", pairs.n + 1, D)
     strategy = strategy or choose_strategy(pairs.n, D, H2 // 2, x_TD.dtype)
     if strategy not in STRATEGIES:

@@ -4,6 +4,7 @@ and the memory reuse that keeps a training step free of fresh page-faulting allo
 import pytest
 import torch
 from molmo_fast.kernels import cpu_memory, cpu_moe, moe_mlp, moe_mlp_loop
+from torch._dynamo.testing import CompileCounterWithBackend
 
 STRATEGIES = list(cpu_moe.STRATEGIES)
 
@@ -152,3 +153,30 @@ def test_memory_is_reused_across_calls():
     (got,) = torch.autograd.grad(both, w_down_EDH)
     want = torch.autograd.grad(loss(1.0), w_down_EDH)[0] + torch.autograd.grad(loss(2.0), w_down_EDH)[0]
     torch.testing.assert_close(got, want)
+
+
+def test_custom_op_contract_and_compile_without_recompiles():
+    """opcheck (schema, fake tensors, autograd registration) on the cpu path, and torch.compile(fullgraph) giving
+    eager's values and grads with one frame across routings of different k."""
+    T, E, K, D, H = 6, 8, 4, 16, 8
+    w_gate_up_EHD, w_down_EDH = (torch.nn.Parameter(w) for w in _weights(E, D, H, seed=11))
+    x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(12), requires_grad=True)
+    idx_TK, weight_TK = _routing(T, E, K, [1, 4, 0, 3, 2, 4])
+    args = (x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK.requires_grad_(), "cpu", True)
+    torch.library.opcheck(torch.ops.molmo_fast.moe_mlp_fwd.default, args)  # strategies share the op's contract
+
+    def call(x_TD, idx_TK, weight_TK):
+        return moe_mlp(x_TD, w_gate_up_EHD, w_down_EDH, idx_TK, weight_TK, impl="cpu")
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(call, backend=counter, fullgraph=True)
+    for counts in ([1] * T, [K] * T, [0, 1, 2, 3, 4, 2]):
+        idx_TK, weight_TK = _routing(T, E, K, counts, seed=sum(counts))
+        y_eager, y_comp = call(x_TD, idx_TK, weight_TK), compiled(x_TD, idx_TK, weight_TK)
+        torch.testing.assert_close(y_comp, y_eager)
+        dy = torch.randn_like(y_eager)
+        for a, b in zip(torch.autograd.grad(y_comp, [x_TD, w_gate_up_EHD], dy),
+                        torch.autograd.grad(y_eager, [x_TD, w_gate_up_EHD], dy)):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1
