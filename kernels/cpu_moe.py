@@ -10,8 +10,9 @@ that costs more than the matmuls on CPU. Saved state is the Triton path's: routi
 
 Forward strategies (the backward is always the per-expert loop):
 - "loop": one matmul per expert with routed rows.
-- "bmm": gather the routed experts' weights per pair and run two batched matvecs: a fixed dozen ops whatever
-  the expert count, for decode-sized inputs where per-expert dispatch outweighs copying the weights.
+- "gathered": gather the routed experts' weights per pair and run two batched matvecs (`vecdot`, not `bmm`: at
+  these sizes bmm's oneDNN setup costs more than the arithmetic): a fixed dozen small ops whatever the expert
+  count, for decode-sized inputs where per-expert dispatch outweighs copying the weights.
 `choose_strategy` picks by shape; bench/RESULTS.md ("CPU MoE path") has the measurements behind it.
 """
 
@@ -20,14 +21,14 @@ import torch
 from .cpu_memory import pooled_empty, workspace
 from .routing import Routing, route
 
-STRATEGIES = ("loop", "bmm")
-BMM_MAX_WEIGHT_BYTES = 1 << 20  # "bmm" while the gathered weights (pairs x expert size) stay this small
+STRATEGIES = ("loop", "gathered")
+GATHERED_MAX_WEIGHT_BYTES = 1 << 18  # "gathered" while the gathered weights (pairs x expert size) stay this small
 
 
 def choose_strategy(num_pairs: int, D: int, H: int, dtype: torch.dtype) -> str:
     """The measured-faster forward strategy for `num_pairs` active (token, slot) pairs of experts [2H, D] + [D, H]."""
     gathered_bytes = num_pairs * 3 * D * H * torch.empty((), dtype=dtype).element_size()
-    return "bmm" if gathered_bytes <= BMM_MAX_WEIGHT_BYTES else "loop"
+    return "gathered" if gathered_bytes <= GATHERED_MAX_WEIGHT_BYTES else "loop"
 
 
 def _ws(name: str, *shape: int) -> torch.Tensor:
@@ -70,14 +71,14 @@ def _fwd_loop(x_TD, w_gate_up_EHD, w_down_EDH, pairs: _Pairs, h_P2H, o_P1D):
         torch.mm(a_PH[s:t], w_down_EDH[e].t(), out=o_P1D[s:t])
 
 
-def _fwd_bmm(x_TD, w_gate_up_EHD, w_down_EDH, expert_P, pairs: _Pairs, h_P2H, o_P1D):
+def _fwd_gathered(x_TD, w_gate_up_EHD, w_down_EDH, expert_P, pairs: _Pairs, h_P2H, o_P1D):
     P, (_, H2, D), H = pairs.n, w_gate_up_EHD.shape, w_down_EDH.shape[2]
     x_PD = torch.index_select(x_TD, 0, pairs.tok_P, out=_ws("x", P, D))
     w_P2HD = torch.index_select(w_gate_up_EHD, 0, expert_P, out=_ws("w1", P, H2, D))
-    torch.bmm(w_P2HD, x_PD.unsqueeze(2), out=h_P2H.view(P, H2, 1))
+    torch.linalg.vecdot(w_P2HD, x_PD.unsqueeze(1), out=h_P2H)
     a_PH = torch.ops.aten.silu.out(h_P2H[:, :H], out=_ws("a", P, H)).mul_(h_P2H[:, H:])
     w_PDH = torch.index_select(w_down_EDH, 0, expert_P, out=_ws("w2", P, D, H))
-    torch.bmm(w_PDH, a_PH.unsqueeze(2), out=o_P1D[:P].view(P, D, 1))
+    torch.linalg.vecdot(w_PDH, a_PH.unsqueeze(1), out=o_P1D[:P])
 
 
 def moe_fwd(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, save: bool = True, strategy: str | None = None):
@@ -96,9 +97,9 @@ def moe_fwd(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, weight_TK, save: boo
     strategy = strategy or choose_strategy(pairs.n, D, H2 // 2, x_TD.dtype)
     if strategy not in STRATEGIES:
         raise ValueError(f"cpu moe: strategy={strategy!r}, expected one of {STRATEGIES}")
-    if strategy == "bmm":
+    if strategy == "gathered":
         expert_P = expert_idx_TK.reshape(-1).index_select(0, pairs.pair_P)
-        _fwd_bmm(x_TD, w_gate_up_EHD, w_down_EDH, expert_P, pairs, h_P2H[: pairs.n], o_P1D)
+        _fwd_gathered(x_TD, w_gate_up_EHD, w_down_EDH, expert_P, pairs, h_P2H[: pairs.n], o_P1D)
     else:
         _fwd_loop(x_TD, w_gate_up_EHD, w_down_EDH, pairs, h_P2H[: pairs.n], o_P1D)
     o_P1D[: pairs.n].mul_(pairs.w_P1)

@@ -98,11 +98,11 @@ def test_strategies_agree_without_grad_and_are_deterministic(force_strategy):
 
 
 def test_choose_strategy_by_gathered_weight_bytes():
-    assert cpu_moe.choose_strategy(2, 64, 32, torch.float32) == "bmm"  # tiny decode: 48 KiB of gathered weights
+    assert cpu_moe.choose_strategy(2, 64, 32, torch.float32) == "gathered"  # tiny decode: 48 KiB of gathered weights
     assert cpu_moe.choose_strategy(1, 2048, 1024, torch.float32) == "loop"  # one MolmoE expert is 24 MiB
     assert cpu_moe.choose_strategy(16384, 512, 512, torch.float32) == "loop"
-    limit_pairs = cpu_moe.BMM_MAX_WEIGHT_BYTES // (3 * 64 * 32 * 4)
-    assert cpu_moe.choose_strategy(limit_pairs, 64, 32, torch.float32) == "bmm"
+    limit_pairs = cpu_moe.GATHERED_MAX_WEIGHT_BYTES // (3 * 64 * 32 * 4)
+    assert cpu_moe.choose_strategy(limit_pairs, 64, 32, torch.float32) == "gathered"
     assert cpu_moe.choose_strategy(limit_pairs + 1, 64, 32, torch.float32) == "loop"
 
 
