@@ -29,9 +29,9 @@ from molmo_fast.train.metrics import FlopCounter, peak_flops
 from molmo_fast.train.trainer import loss_positions, micro_batch_loss
 
 BENCH_PRESETS = {
-    "mid": ("tiny", dict(d_model=512, n_heads=8, n_layers=4, moe_num_experts=64, moe_top_k=8,
-                         mlp_hidden_size=1024)),  # SwiGLU input width 1024: expert width 512
-    "demo": ("tiny", dict(vocab_size=50280, embedding_size=50304, max_crops=1)),  # gin/demo.gin's model
+    "mid": ("tiny", {"d_model": 512, "n_heads": 8, "n_layers": 4, "moe_num_experts": 64, "moe_top_k": 8,
+                     "mlp_hidden_size": 1024}),  # SwiGLU input width 1024: expert width 512
+    "demo": ("tiny", {"vocab_size": 50280, "embedding_size": 50304, "max_crops": 1}),  # gin/demo.gin's model
 }
 
 
@@ -121,9 +121,6 @@ def bench_mode(args, cfg: MolmoEConfig, impls: list[str], compiled: bool, device
             fns[impl]()
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         rows.append(row)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -182,6 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for mode in modes:
         try:
             rows += bench_mode(args, cfg, impls, mode == "compiled", device)
+            if cuda:
+                torch.cuda.empty_cache()  # the mode's model is gone
         except Exception as e:  # one failing mode (e.g. OOM) must not hide the others
             rows.append({"impl": ",".join(impls), "mode": mode, "error": f"{type(e).__name__}: {str(e)[:200]}"})
     name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
