@@ -273,7 +273,8 @@ def _cpu_case(impl, weights, x_TD, dy_TD, idx_TK, weight_TK, k):
 
 
 def run_cpu_layer(args) -> dict:
-    from cpu_measure import machine_load, measure_interleaved  # bench/: on sys.path when run as a script
+    # bench/ is on sys.path when this runs as a script
+    from cpu_measure import machine_load, measure_interleaved
 
     torch.set_num_threads(args.threads)
     D, H, E = args.dims or (512, 512, 64)

@@ -180,3 +180,27 @@ def test_custom_op_contract_and_compile_without_recompiles():
                         torch.autograd.grad(y_eager, [x_TD, w_gate_up_EHD], dy)):
             torch.testing.assert_close(a, b)
     assert counter.frame_count == 1
+
+
+def test_cpu_layer_bench_smoke(tmp_path, monkeypatch):
+    """bench/moe_kernels.py --device cpu: every impl and mode side by side, with faults, RSS and ratios."""
+    import importlib.util
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location("moe_kernels_bench_cpu", bench_dir / "moe_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--device", "cpu", "--dims", "16", "8", "4", "--T", "8", "--k", "2", "--steps", "1",
+                             "--warmup", "0", "--out", str(tmp_path / "cpu.json")])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {(r["impl"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(i, m) for i in ("hf_loop", "molmo_fast", "grouped_mm", "dense") for m in ("fwd", "fwd+bwd")}
+    for (impl, _), r in rows.items():
+        assert r["min_s"] <= r["median_s"] <= r["max_s"] and r["minor_faults"] >= 0 and r["peak_rss_mib"] > 0
+        assert impl == "dense" or r["rel_err"] < 1e-5
+    assert rows[("hf_loop", "fwd")]["x_vs_hf_loop"] == 1.0 and rows[("dense", "fwd")]["x_dense_time"] == 1.0
