@@ -2,6 +2,7 @@
 
     python bench/moe_kernels.py [--quick] [--out runs/bench/moe_kernels.json]
     python bench/moe_kernels.py --device cpu --tiny      # seconds-long smoke run of the script itself
+    python bench/moe_kernels.py --device cpu             # CPU: the layer side by side with the HF loop and a matmul
 
 --tune --out FILE.json (CUDA, opt-in) instead times the Triton launch configs and writes them (bench/moe_tune.py).
 
@@ -11,6 +12,11 @@ Columns: median ms, TFLOP/s on the active pairs, % of a dense bf16 GEMM timed in
 weight-read floor (experts hit x weight bytes + x and y) and time / floor time at the copy bandwidth
 measured in this run, relative error of y (and dx for fwd+bwd) against an fp32 loop reference, and
 recompiles after a k change.
+
+On CPU (without --tiny) the layer runs at T=2048, D=512, H=512, E=64, k=8 (fp32, --threads threads), interleaved
+with an HF-style baseline (`hf_loop`: per expert index_select the routed rows, SwiGLU MLP on that expert's own
+weight tensors, index_add_ back, as MolmoE's remote code does) and one dense matmul of the same FLOPs (`dense`):
+min / median / max ms, minor page faults and peak RSS per call, speedup over hf_loop and time over dense.
 """
 
 import argparse
@@ -22,6 +28,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
+import torch.nn.functional as F
 
 from molmo_fast.kernels import moe_mlp, moe_mlp_loop
 
@@ -151,7 +158,7 @@ def run(args) -> dict:
     if args.tiny:
         D, H, E, Ts, ks = 64, 32, 8, [1, 13], [1, 2]
     else:
-        D, H, E = 2048, 1024, 64
+        D, H, E = args.dims or (2048, 1024, 64)
         Ts, ks = (QUICK_T, QUICK_K) if args.quick else (FULL_T, FULL_K)
     Ts = args.T or Ts
     ks = args.k or ks
@@ -227,6 +234,89 @@ def run(args) -> dict:
     return {"env": env, "rows": rows, "recompiles": recompiles}
 
 
+def hf_loop_experts(w_gate_up_EHD, w_down_EDH):
+    """MolmoE remote code's expert loop on per-expert leaf weights (copies): returns (call, its weight leaves)."""
+    gate_up = [w.detach().clone().requires_grad_() for w in w_gate_up_EHD]
+    down = [w.detach().clone().requires_grad_() for w in w_down_EDH]
+
+    def call(x_TD, idx_TK, weight_TK):
+        y_TD = torch.zeros_like(x_TD)
+        for e in range(len(gate_up)):
+            t_idx, k_idx = torch.where(idx_TK == e)
+            if t_idx.numel() == 0:
+                continue
+            gate, up = F.linear(x_TD.index_select(0, t_idx), gate_up[e]).chunk(2, dim=-1)
+            out = F.linear(F.silu(gate) * up, down[e]) * weight_TK[t_idx, k_idx, None]
+            y_TD.index_add_(0, t_idx, out.to(y_TD.dtype))
+        return y_TD
+
+    return call, gate_up + down
+
+
+def _cpu_case(impl, weights, x_TD, dy_TD, idx_TK, weight_TK, k):
+    """(forward fn, forward+backward fn) of one implementation; dense is one matmul of the same FLOPs each."""
+    P, (D, H) = int((idx_TK >= 0).sum()), weights[1].shape[1:]
+    if impl == "dense":
+        a, b3, b9 = torch.randn(P, D), torch.randn(D, 3 * H), torch.randn(D, 9 * H)
+        out3, out9 = torch.empty(P, 3 * H), torch.empty(P, 9 * H)  # 6PDH and 18PDH FLOPs
+        return lambda: torch.mm(a, b3, out=out3), lambda: torch.mm(a, b9, out=out9)
+    if impl == "hf_loop":
+        call, leaves = hf_loop_experts(*weights)
+    else:
+        call, leaves = make_call(impl, *weights, "cpu"), list(weights)
+    route_args = routing_for(impl, idx_TK, weight_TK, k)
+    inputs = [x_TD, *leaves, weight_TK]
+
+    def fwd():
+        with torch.no_grad():
+            call(x_TD, *route_args)
+
+    return fwd, lambda: torch.autograd.grad(call(x_TD, *route_args), inputs, dy_TD)
+
+
+def run_cpu_layer(args) -> dict:
+    # bench/ is on sys.path when this runs as a script
+    from cpu_measure import machine_load, measure_interleaved
+
+    torch.set_num_threads(args.threads)
+    D, H, E = args.dims or (512, 512, 64)
+    T, k = (args.T or [2048])[0], (args.k or [8])[0]
+    impls = ["hf_loop", *(args.impls or ["molmo_fast", "grouped_mm"]), "dense"]
+    g = torch.Generator().manual_seed(0)
+    weights = tuple(torch.nn.Parameter(torch.randn(*s, generator=g) / s[-1] ** 0.5) for s in [(E, 2 * H, D), (E, D, H)])
+    x_TD = torch.randn(T, D, generator=g).requires_grad_()
+    dy_TD = torch.randn(T, D, generator=g)
+    idx_TK, weight_TK = make_routing(T, E, k, k, "cpu")
+    weight_TK.requires_grad_()
+    y_ref = moe_mlp_loop(x_TD.detach(), *(w.detach() for w in weights), idx_TK, weight_TK.detach())
+    fns, rel_err = {}, {}
+    for impl in impls:
+        fwd, fwd_bwd = _cpu_case(impl, weights, x_TD, dy_TD, idx_TK, weight_TK, k)
+        fns[(impl, "fwd")], fns[(impl, "fwd+bwd")] = fwd, fwd_bwd
+        if impl != "dense":
+            with torch.no_grad():
+                call = hf_loop_experts(*weights)[0] if impl == "hf_loop" else make_call(impl, *weights, "cpu")
+                rel_err[impl] = _rel_err(call(x_TD, *routing_for(impl, idx_TK, weight_TK, k)), y_ref)
+    env = {"device": platform.processor() or "cpu", "torch": torch.__version__, "threads": args.threads,
+           "dtype": "float32", "shape": {"T": T, "D": D, "H": H, "E": E, "k": k}, "load_before": machine_load(),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    stats = measure_interleaved(fns, args.steps, args.warmup)
+    env["load_after"] = machine_load()
+    rows = []
+    for (impl, mode), st in stats.items():
+        base, dense = stats[("hf_loop", mode)]["median_s"], stats[("dense", mode)]["median_s"]
+        rows.append({"impl": impl, "mode": mode, **st, "x_vs_hf_loop": base / st["median_s"],
+                     "x_dense_time": st["median_s"] / dense, "rel_err": rel_err.get(impl)})
+    print(f"# {env}")
+    print(f"{'impl':>12} {'mode':>8} {'min ms':>8} {'med ms':>8} {'max ms':>8} {'faults':>8} {'RSS MiB':>8} "
+          f"{'vs hf':>6} {'/dense':>7}")
+    for r in rows:
+        print(f"{r['impl']:>12} {r['mode']:>8} {1e3 * r['min_s']:>8.1f} {1e3 * r['median_s']:>8.1f} "
+              f"{1e3 * r['max_s']:>8.1f} {r['minor_faults']:>8.0f} {r['peak_rss_mib']:>8.0f} "
+              f"{r['x_vs_hf_loop']:>5.2f}x {r['x_dense_time']:>6.2f}x")
+    return {"env": env, "rows": rows}
+
+
 HEADER = (
     f"{'impl':>14} {'T':>6} {'k':>3} {'mode':>8} {'ms':>9} {'TFLOP/s':>8} {'%dense':>7} {'GB/s':>8} "
     f"{'xfloor':>7} {'rel_err':>8}"
@@ -270,9 +360,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test of this script")
     parser.add_argument("--T", type=int, nargs="+", help="override the token counts")
     parser.add_argument("--k", type=int, nargs="+", help="override the top-k values (K_max = max)")
-    parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, help=f"implementations to time (default: all of {IMPLS}; "
+                        "on CPU molmo_fast and grouped_mm, always beside hf_loop and dense)")
+    parser.add_argument("--dims", type=int, nargs=3, metavar=("D", "H", "E"),
+                        help="model width, expert width, experts (default 2048 1024 64; CPU 512 512 64)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU: torch intra-op threads")
+    parser.add_argument("--steps", type=int, default=5, help="CPU: timed rounds (each runs every impl once)")
+    parser.add_argument("--warmup", type=int, default=1, help="CPU: untimed rounds first")
     parser.add_argument("--exact-k", action="store_true", help="give molmo_fast paths K = k, not K_max = max(k)")
-    parser.add_argument("--no-recompile-check", action="store_true")
+    parser.add_argument("--no-recompile-check", action="store_true", help="skip the recompile count under compile")
     parser.add_argument("--out", default="runs/bench/moe_kernels.json", help="JSON results path")
     args = parser.parse_args(argv)
     if args.tune:
@@ -281,8 +377,12 @@ def main(argv=None) -> dict:
         parser.error("--device cuda: no CUDA device (use --device cpu --tiny for a smoke run)")
     if args.device == "cpu" and args.dtype == "bfloat16":
         args.dtype = "float32"  # CPU grouped_mm / interpreter kernels are checked in float32
-    print(HEADER)
-    result = run(args)
+    if args.device == "cpu" and not args.tiny:
+        result = run_cpu_layer(args)
+    else:
+        args.impls = args.impls or IMPLS
+        print(HEADER)
+        result = run(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -9,27 +9,33 @@ import os
 
 import torch
 
-from . import grouped_mm
+from . import cpu_moe, grouped_mm
 from .reference import moe_mlp_loop
 from .routing import Routing
 
-IMPLS = ("auto", "triton", "grouped_mm", "loop")
+IMPLS = ("auto", "triton", "grouped_mm", "loop", "cpu")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _backend(impl: str):
     if impl == "grouped_mm":
         return grouped_mm
+    if impl == "cpu":
+        return cpu_moe
     from . import triton_moe  # lazy: triton may be absent, and TRITON_INTERPRET is read at import
 
     return triton_moe
 
 
-def _resolve(impl: str, device: torch.device) -> str:
+def _resolve(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl not in IMPLS:
         raise ValueError(f"moe_mlp: impl={impl!r}, expected one of {IMPLS}")
+    if impl == "auto" and device.type == "cpu":  # the cpu path is float32 only (CPU training is fp32)
+        return "cpu" if dtype == torch.float32 else "grouped_mm"
     if impl == "auto":
         return "triton" if device.type == "cuda" and _HAS_TRITON else "grouped_mm"
+    if impl == "cpu" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"moe_mlp: impl='cpu' needs float32 CPU tensors, got {dtype} on {device.type}")
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("moe_mlp: impl='triton' on a CPU tensor needs TRITON_INTERPRET=1 (the interpreter)")
     return impl
@@ -130,7 +136,8 @@ def moe_mlp(
     x_TD [T, D]; w_gate_up_EHD [E, 2H, D] (gate rows first, then up); w_down_EDH [E, D, H];
     expert_idx_TK [T, K] int, a slot is inactive where the index is -1; expert_weight_TK [T, K].
     K only bounds top-k: any active mask runs on the same compiled graph and kernels.
-    impl: "auto" (Triton on CUDA, grouped_mm elsewhere), "triton", "grouped_mm" or "loop".
+    impl: "auto" (Triton on CUDA, "cpu" for float32 CPU tensors, grouped_mm elsewhere), "triton", "grouped_mm",
+    "loop" or "cpu" (per-expert matmuls into reused memory, kernels/cpu_moe.py).
     x and both weights share one dtype (float32, bfloat16, float16; under autocast they are cast to the
     autocast dtype); expert_weight may be any float dtype. Accumulation is fp32; y has x's dtype.
     """
@@ -156,7 +163,7 @@ def moe_mlp(
         )
     if expert_idx_TK.dtype.is_floating_point:
         raise ValueError(f"moe_mlp: expert_idx must be an integer tensor, got {expert_idx_TK.dtype}")
-    impl = _resolve(impl, x_TD.device)
+    impl = _resolve(impl, x_TD.device, x_TD.dtype)
     if impl == "loop":
         return moe_mlp_loop(x_TD, w_gate_up_EHD, w_down_EDH, expert_idx_TK, expert_weight_TK)
     save = torch.is_grad_enabled() and any(

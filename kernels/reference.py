@@ -26,5 +26,5 @@ def moe_mlp_loop(
         gate_NH, up_NH = (x_ND @ w_gate_up_EHD[e].t()).split(H2 // 2, dim=-1)
         out_ND = (F.silu(gate_NH) * up_NH) @ w_down_EDH[e].t()
         w_N1 = expert_weight_TK[t_idx, k_idx].unsqueeze(-1).to(out_ND.dtype)
-        y_TD = y_TD.index_add(0, t_idx, out_ND * w_N1)
+        y_TD.index_add_(0, t_idx, out_ND * w_N1)
     return y_TD
