@@ -12,7 +12,8 @@ on CPU (as in gin/tiny.gin). All impls share one model (same weights; `MoE.impl`
 interleaved, one step each per round, so machine load hits them alike. Per row: step time min / median / max, minor
 page faults per step (getrusage), peak RSS during its steps (CPU) or peak allocated memory (CUDA), MFU on CUDA.
 Presets: the config presets (molmoe-1b, tiny) plus `mid` (tiny's vision tower with d_model 512, 4 layers, 64
-experts top-8, expert width 512) and `demo` (gin/demo.gin's model: run it with --seq_len 48 --micro_batch 32 --answer_frac 0.04).
+experts top-8, expert width 512) and `demo` (gin/demo.gin's model: run it with --seq_len 48 --micro_batch 32
+--answer_frac 0.04).
 """
 
 import argparse
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--preset", help="model preset: molmoe-1b, tiny, mid or demo (default: molmoe-1b on CUDA, mid on CPU)")
+    p.add_argument("--preset",
+                   help="model preset: molmoe-1b, tiny, mid or demo (default: molmoe-1b on CUDA, mid on CPU)")
     p.add_argument("--seq_len", type=int, help="tokens per sequence (default: 2304 on CUDA, 256 on CPU)")
     p.add_argument("--micro_batch", type=int, help="sequences per step (default: 4 on CUDA, 8 on CPU)")
     p.add_argument("--impls", help="comma-separated MoE impls (default: loop,grouped_mm,triton on CUDA, "

@@ -90,9 +90,9 @@ def test_duplicate_keys_rejected(tmp_path):
 
 def test_decode_rejects_corruption():
     sample = encode_record(Record(_example(0), _jpeg()))
-    with pytest.raises(Exception):
+    with pytest.raises(OSError):  # PIL: truncated image data
         decode_sample({**sample, "jpg": sample["jpg"][: len(sample["jpg"]) // 3]})
-    with pytest.raises(Exception):
+    with pytest.raises(json.JSONDecodeError):
         decode_sample({**sample, "json": b"{not json"})
     with pytest.raises(ShardFormatError, match="disagree"):
         decode_sample({"__key__": "ex0", "json": sample["json"]})

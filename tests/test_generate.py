@@ -41,7 +41,8 @@ def test_kv_cache_equals_full_recompute(golden_model, golden_cases):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batch_of_different_lengths_equals_single(golden_model, golden_cases, side):
-    rows = [("single_image", golden_cases["single_image.input_ids"]), ("single_image_b", golden_cases["single_image_b.input_ids"])]
+    rows = [("single_image", golden_cases["single_image.input_ids"]),
+            ("single_image_b", golden_cases["single_image_b.input_ids"])]
     S = max(len(r) for _, r in rows)
     ids = torch.full((2, S), -1, dtype=torch.int64)
     N = max(golden_cases[f"{c}.images"].shape[0] for c, _ in rows)

@@ -3,8 +3,9 @@ and the memory reuse that keeps a training step free of fresh page-faulting allo
 
 import pytest
 import torch
-from molmo_fast.kernels import cpu_memory, cpu_moe, moe_mlp, moe_mlp_loop
 from torch._dynamo.testing import CompileCounterWithBackend
+
+from molmo_fast.kernels import cpu_memory, cpu_moe, moe_mlp, moe_mlp_loop
 
 STRATEGIES = list(cpu_moe.STRATEGIES)
 
