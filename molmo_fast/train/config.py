@@ -13,6 +13,8 @@ from typing import Any
 
 import gin
 
+from molmo_fast.train.elastic import ElasticConfig
+
 GIN_DIR = Path(__file__).resolve().parents[2] / "gin"
 _GROUPS = ("vit", "connector", "llm")
 
@@ -238,10 +240,11 @@ class Config:
     data: DataConfig
     optim: OptimConfig
     train: TrainConfig
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
     gin_config: str = ""  # every binding parsed (written to RUN_DIR/config.gin)
 
     def to_dict(self) -> dict:
-        return {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "optim", "train")}
+        return {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "optim", "train", "elastic")}
 
 
 _SEARCH_PATHS: list[str] = []  # gin keeps its search path across clear_config(); add each directory once
@@ -270,7 +273,8 @@ def load_config(gin_files: list[str], gin_params: list[str] | None = None) -> Co
     logging.getLogger().addFilter(quiet)
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_params or []))
-        cfg = Config(model=ModelConfig(), data=DataConfig(), optim=OptimConfig(), train=TrainConfig())
+        cfg = Config(model=ModelConfig(), data=DataConfig(), optim=OptimConfig(), train=TrainConfig(),
+                     elastic=ElasticConfig())
     except (ValueError, KeyError, TypeError, OSError, SyntaxError, RuntimeError) as e:
         raise SystemExit(f"molmo_fast.train: bad configuration: {e}") from e
     finally:

@@ -1,0 +1,144 @@
+"""Elastic top-k training (molmo_fast/train/elastic.py): the seeded k policy, its checkpoint state, the recorded
+routing, and its effect inside the training step."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from molmo_fast.config import MolmoEConfig
+from molmo_fast.model.moe import RoutingPolicy, route
+from molmo_fast.train.elastic import CONFIG_KEY, ElasticConfig, KSampler, Pass, record, step_metrics
+
+KS = (1, 2, 4, 8)
+
+
+def _draws(cfg, steps=range(1, 201), n_layers=4, top_k=8):
+    sampler = KSampler(cfg, n_layers, top_k)
+    return [sampler.passes(s) for s in steps]
+
+
+def test_fixed_default_trains_the_model_k_and_is_marked_default():
+    cfg = ElasticConfig()
+    assert cfg.is_default
+    assert all(p == [Pass((8, 8, 8, 8))] for p in _draws(cfg, range(1, 5)))
+    assert not ElasticConfig(ks=(2,)).is_default and _draws(ElasticConfig(ks=(2,)), [3])[0] == [Pass((2,) * 4)]
+
+
+def test_sample_draws_one_k_per_step_from_the_list_reproducibly():
+    cfg = ElasticConfig(mode="sample", ks=KS, seed=7)
+    draws = _draws(cfg)
+    assert draws == _draws(ElasticConfig(mode="sample", ks=KS, seed=7))  # same seed: every rank, every restart
+    assert draws != _draws(ElasticConfig(mode="sample", ks=KS, seed=8))
+    ks = [p[0].top_k for p in draws]
+    assert all(len(p) == 1 and len(set(k)) == 1 for p, k in zip(draws, ks))  # one k shared by all layers
+    counts = Counter(k[0] for k in ks)
+    assert set(counts) == set(KS) and min(counts.values()) > 25  # ~50 each of 200: uniform by default
+    # The draw of step s does not depend on which steps were drawn before (a resumed run skips the early ones).
+    assert _draws(cfg, [150])[0] == draws[149]
+
+
+def test_sample_probabilities_are_respected():
+    draws = _draws(ElasticConfig(mode="sample", ks=KS, probs=(0, 3, 0, 1)), range(1, 401))
+    counts = Counter(p[0].top_k[0] for p in draws)
+    assert set(counts) == {2, 8} and 0.65 < counts[2] / 400 < 0.85
+
+
+def test_sample_per_layer_draws_each_layer_independently():
+    draws = _draws(ElasticConfig(mode="sample_per_layer", ks=KS), n_layers=6)
+    layer_ks = np.array([p[0].top_k for p in draws])  # [steps, layers]
+    assert layer_ks.shape == (200, 6) and set(layer_ks.flatten()) == set(KS)
+    assert (layer_ks.min(1) != layer_ks.max(1)).mean() > 0.9  # layers disagree in almost every step
+    assert all(set(layer_ks[:, layer]) == set(KS) for layer in range(6))
+
+
+def test_sandwich_trains_largest_smallest_and_n_sampled():
+    draws = _draws(ElasticConfig(mode="sandwich", ks=KS, n_sampled=2))
+    assert all(len(p) == 4 and p[0].top_k == (8,) * 4 and p[1].top_k == (1,) * 4 for p in draws)
+    sampled = Counter(q.top_k[0] for p in draws for q in p[2:])
+    assert set(sampled) == set(KS)
+    assert len(_draws(ElasticConfig(mode="sandwich", ks=KS, n_sampled=0), [1])[0]) == 2
+
+
+def test_kind_budgets_are_drawn_per_pass_and_bracket_the_sandwich():
+    draws = _draws(ElasticConfig(mode="sandwich", ks=KS, n_sampled=1, kind_ks={"image": [1, 2, 4], "text": 8}))
+    for p in draws:
+        assert dict(p[0].kinds) == {"image": 4, "text": 8} and dict(p[1].kinds) == {"image": 1, "text": 8}
+    assert {dict(p[2].kinds)["image"] for p in draws} == {1, 2, 4}
+    m = step_metrics(ElasticConfig(mode="sample", ks=KS, kind_ks={"image": 2}), [Pass((4, 4), (("image", 2),))], [0])
+    assert m == {"train/top_k": 4.0, "train/top_k_image": 2.0}
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"mode": "elastic"}, "ElasticConfig.mode"),
+    ({"mode": "sample"}, "ElasticConfig.ks"),
+    ({"mode": "sandwich", "ks": (4,)}, "ElasticConfig.ks"),
+    ({"mode": "fixed", "ks": (1, 2)}, "ElasticConfig.ks"),
+    ({"mode": "sample", "ks": (0, 2)}, "ElasticConfig.ks"),
+    ({"mode": "sample", "ks": KS, "probs": (1, 1)}, "ElasticConfig.probs"),
+    ({"mode": "sample", "ks": KS, "probs": (0, 0, 0, 0)}, "ElasticConfig.probs"),
+    ({"mode": "sandwich", "ks": KS, "n_sampled": -1}, "ElasticConfig.n_sampled"),
+    ({"kind_ks": {"generated": 2}}, "ElasticConfig.kind_ks"),
+])
+def test_bad_settings_name_the_field(bad, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        ElasticConfig(**bad)
+
+
+def test_ks_above_the_model_slot_count_are_refused():
+    with pytest.raises(ValueError, match=r"ElasticConfig\.ks.*moe_top_k = 2"):
+        KSampler(ElasticConfig(mode="sample", ks=KS), n_layers=2, top_k=2)
+    with pytest.raises(ValueError, match=r"kind_ks\['image'\]"):
+        KSampler(ElasticConfig(kind_ks={"image": 16}), n_layers=2, top_k=8)
+
+
+def test_sampler_state_is_json_and_the_checkpoint_seed_wins():
+    cfg = ElasticConfig(mode="sample_per_layer", ks=KS, seed=11)
+    state = json.loads(json.dumps(KSampler(cfg, 4, 8).state_dict()))  # what train_state.json holds
+    resumed = KSampler(ElasticConfig(mode="sample_per_layer", ks=KS, seed=99), 4, 8)
+    resumed.load_state_dict(state)
+    assert [resumed.passes(s) for s in range(1, 50)] == _draws(cfg, range(1, 50))
+
+
+def test_step_metrics_report_mean_k_per_layer_and_sandwich_losses_by_k():
+    cfg = ElasticConfig(mode="sandwich", ks=KS, n_sampled=2)
+    passes = [Pass((8, 8)), Pass((1, 1)), Pass((8, 8)), Pass((2, 2))]
+    m = step_metrics(cfg, passes, [1.0, 4.0, 2.0, 3.0])
+    assert m == {"train/top_k": 4.75, "train/loss_k1": 4.0, "train/loss_k2": 3.0, "train/loss_k8": 1.5}
+    m = step_metrics(ElasticConfig(mode="sample_per_layer", ks=KS), [Pass((1, 4, 8))], [0.0])
+    assert m == {"train/top_k": pytest.approx(13 / 3), "train/top_k/layer0": 1, "train/top_k/layer1": 4,
+                 "train/top_k/layer2": 8}
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_renormalised_routing_sums_to_one_over_the_active_experts(k):
+    logits_TE = torch.randn(64, 16, generator=torch.Generator().manual_seed(k)) * 3
+    idx_TK, w_TK = route(logits_TE, 8, torch.tensor(k), RoutingPolicy("topk_renorm"))
+    active_TK = idx_TK >= 0
+    assert (active_TK.sum(1) == k).all() and (w_TK[~active_TK] == 0).all() and (w_TK[active_TK] > 0).all()
+    torch.testing.assert_close(w_TK.sum(1), torch.ones(64))
+    probs_TE = logits_TE.softmax(-1)
+    # Same experts as plain top-k, weights = their probabilities over the mass of the active set.
+    raw_TK = probs_TE.gather(1, idx_TK.clamp_min(0)) * active_TK
+    torch.testing.assert_close(w_TK, raw_TK / raw_TK.sum(1, keepdim=True))
+
+
+def test_record_writes_the_training_routing_and_loading_sets_it(golden_dir, tmp_path):
+    from molmo_fast.model.molmoe import MolmoE
+
+    released = json.loads((golden_dir / "tiny_model" / "config.json").read_text())
+    mcfg = MolmoEConfig.from_hf_dict(released)
+    record(mcfg, ElasticConfig())  # the default policy changes nothing: the released file round-trips
+    assert mcfg.to_hf_dict() == released
+    assert {m.policy.kind for m in (b.moe for b in MolmoE(mcfg).llm.blocks)} == {"topk"}
+
+    record(mcfg, ElasticConfig(mode="sample", ks=(1, 2), renorm=True, kind_ks={"image": [1, 2]}))
+    (tmp_path / "config.json").write_text(json.dumps(mcfg.to_hf_dict()))
+    loaded = MolmoEConfig.from_hf_json(tmp_path)
+    assert loaded.moe.normalize_weights and loaded.hf_extra["norm_topk_prob"] is True
+    assert loaded.hf_extra[CONFIG_KEY] == {"mode": "sample", "ks": [1, 2], "probs": [], "n_sampled": 1,
+                                           "kind_ks": {"image": [1, 2]}, "renorm": True, "seed": 2024}
+    assert {b.moe.policy.kind for b in MolmoE(loaded).llm.blocks} == {"topk_renorm"}
+    assert loaded.to_hf_dict() == json.loads((tmp_path / "config.json").read_text())
