@@ -2,6 +2,7 @@
 routing, and its effect inside the training step."""
 
 import json
+import signal
 from collections import Counter
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from molmo_fast.config import MolmoEConfig
 from molmo_fast.model.moe import RoutingPolicy, route
 from molmo_fast.train.elastic import CONFIG_KEY, ElasticConfig, KSampler, Pass, record, step_metrics
+from test_train_distributed import KILL_AT_STEP, _args, _losses, _run, shards  # noqa: F401 (a fixture)
 
 KS = (1, 2, 4, 8)
 
@@ -142,3 +144,102 @@ def test_record_writes_the_training_routing_and_loading_sets_it(golden_dir, tmp_
                                            "kind_ks": {"image": [1, 2]}, "renorm": True, "seed": 2024}
     assert {b.moe.policy.kind for b in MolmoE(loaded).llm.blocks} == {"topk_renorm"}
     assert loaded.to_hf_dict() == json.loads((tmp_path / "config.json").read_text())
+
+
+# ---------------------------------------------------------------------------- in the trainer (tiny model, CLI runs)
+# Records, for every MoE forward (activation-checkpoint recomputes included), the layer and the number of active
+# experts of its tokens, computed from the routing output itself.
+RECORD_K = """
+import json, os, sys
+from molmo_fast.model import moe
+forward, layers = moe.MoE.forward, {}
+log = open(os.environ["K_LOG"], "a")
+def recording_forward(self, x_BSD, top_k=None):
+    y, logits, idx = forward(self, x_BSD, top_k)
+    layer = layers.setdefault(id(self), len(layers))
+    log.write(json.dumps([layer, (idx >= 0).sum(-1).unique().tolist()]) + "\\n")
+    log.flush()
+    return y, logits, idx
+moe.MoE.forward = recording_forward
+from molmo_fast.train.__main__ import main
+main(sys.argv[1:])
+"""
+NO_DROPOUT = {"ModelConfig.hf_overrides": "{'vocab_size': 50280, 'embedding_size': 50304, 'residual_dropout': 0.0}"}
+TINY_LAYERS, TINY_TOP_K = 2, 2  # the tiny preset
+
+
+def _elastic(mode: str, ks, **more) -> dict:
+    out = {"ElasticConfig.mode": repr(mode), "ElasticConfig.ks": repr(list(ks))}
+    out.update({f"ElasticConfig.{k}": repr(v) for k, v in more.items()})
+    return out
+
+
+def _metric(run_dir, name: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[name] for r in rows if name in r}
+
+
+def test_the_moe_layers_run_the_drawn_k_in_every_pass_and_recompute(tmp_path, shards, monkeypatch):
+    """sample_per_layer with accumulation and activation checkpointing: each MoE forward, and its recompute in
+    backward, routes every token to exactly the k the seeded sampler drew for that step and layer."""
+    cfg = ElasticConfig(mode="sample_per_layer", ks=(1, 2), seed=5)
+    monkeypatch.setenv("K_LOG", str(tmp_path / "k.jsonl"))
+    _run(_args(tmp_path / "run", shards, **{"TrainConfig.max_steps": 4, "TrainConfig.activation_checkpointing": True},
+               **_elastic("sample_per_layer", (1, 2), seed=5)), script=RECORD_K)
+    seen = [tuple(json.loads(line)) for line in (tmp_path / "k.jsonl").read_text().splitlines()]
+    sampler, expected = KSampler(cfg, TINY_LAYERS, TINY_TOP_K), []
+    for step in range(1, 5):
+        (p,) = sampler.passes(step)
+        for _micro in range(2):  # global batch 4 = micro-batch 2 x 2 accumulation
+            forward = [(layer, [p.top_k[layer]]) for layer in range(TINY_LAYERS)]
+            expected += forward + forward[::-1]  # the backward recomputes the blocks last to first
+    assert seen == expected
+    assert len({p.top_k for s in range(1, 5) for p in sampler.passes(s)}) > 1  # k really changed
+    logged = _metric(tmp_path / "run", "train/top_k/layer1")
+    assert logged == {s: sampler.passes(s)[0].top_k[1] for s in range(1, 5)}
+
+
+def test_sandwich_averages_the_losses_of_its_passes(tmp_path, shards):
+    """Step 1 (same weights in every run): the sandwich's loss at each k equals a fixed-k run's loss, and the step's
+    loss is the mean over its passes (largest, smallest, sampled)."""
+    steps = {"TrainConfig.max_steps": 1, **NO_DROPOUT}
+    _run(_args(tmp_path / "sandwich", shards, **steps, **_elastic("sandwich", (1, 2), n_sampled=1, seed=3)))
+    fixed = {}
+    for k in (1, 2):
+        _run(_args(tmp_path / f"k{k}", shards, **steps, **_elastic("fixed", (k,))))
+        fixed[k] = _losses(tmp_path / f"k{k}")[1]
+    assert abs(fixed[1] - fixed[2]) > 1e-4  # the tolerance below tells the two apart
+    run = tmp_path / "sandwich"
+    for k in (1, 2):
+        assert _metric(run, f"train/loss_k{k}")[1] == pytest.approx(fixed[k], abs=1e-5)
+    passes = KSampler(ElasticConfig(mode="sandwich", ks=(1, 2), seed=3), TINY_LAYERS, TINY_TOP_K).passes(1)
+    assert _losses(run)[1] == pytest.approx(sum(fixed[p.top_k[0]] for p in passes) / 3, abs=1e-5)
+    assert _metric(run, "train/top_k")[1] == pytest.approx(sum(p.k for p in passes) / 3)
+
+
+@pytest.mark.distributed
+def test_kill_9_then_resume_repeats_the_sampled_run(tmp_path, shards):
+    sampling = _elastic("sample", (1, 2), seed=9)
+    args = lambda run: _args(run, shards, **sampling)  # noqa: E731
+    _run(args(tmp_path / "reference"))
+    proc = _run(args(tmp_path / "killed"), script=KILL_AT_STEP.format(step=5), check=False)
+    assert proc.returncode == -signal.SIGKILL and max(_losses(tmp_path / "killed")) == 4
+    _run(args(tmp_path / "killed") + ["--resume", "latest", "--gin_param", "ElasticConfig.seed = 1"])
+    for name in ("train/loss", "train/top_k"):
+        assert _metric(tmp_path / "killed", name) == _metric(tmp_path / "reference", name), name
+    assert len(set(_metric(tmp_path / "reference", "train/top_k").values())) == 2
+
+
+@pytest.mark.distributed
+def test_two_ranks_sample_the_same_k_and_match_one_process(tmp_path, shards):
+    sampling = {"TrainConfig.max_steps": 4, **NO_DROPOUT, **_elastic("sample", (1, 2), seed=4)}
+    _run(_args(tmp_path / "one", shards, **sampling))
+    _run(_args(tmp_path / "two", shards, **sampling), nproc=2)
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
+    expected = {s: float(KSampler(ElasticConfig(mode="sample", ks=(1, 2), seed=4), 2, 2).passes(s)[0].top_k[0])
+                for s in a}
+    assert _metric(tmp_path / "two", "train/top_k") == _metric(tmp_path / "one", "train/top_k") == expected
+    assert len(set(expected.values())) == 2

@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from molmo_fast.train import checkpoint as ckpt
+from molmo_fast.train import elastic
 from molmo_fast.train.config import Config
 from molmo_fast.train.data import TrainData, build_mixture, to_device, write_preprocessor_dir
 from molmo_fast.train.metrics import FlopCounter, MetricsLogger, Throughput, memory_stats, peak_flops
@@ -89,7 +90,9 @@ def prepare_run_dir(cfg: Config, env: Env, resuming: bool) -> Path:
             (run_dir / "config.gin").write_text(cfg.gin_config)
         (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
         if not resuming:
-            cfg.model.build_config().to_hf_json(run_dir / "model_config.json")
+            model_config = cfg.model.build_config()
+            elastic.record(model_config, cfg.elastic)
+            model_config.to_hf_json(run_dir / "model_config.json")
             write_preprocessor_dir(cfg.data, run_dir / "preprocessor")
     dist.barrier()
     return run_dir
@@ -205,6 +208,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     resume_path = None
     if resume:
         resume_path = ckpt.find_checkpoint(cfg.train.run_dir) if resume == "latest" else Path(resume)
+    model_config = cfg.model.build_config()
+    sampler = elastic.KSampler(cfg.elastic, model_config.llm.n_layers, model_config.moe.top_k)  # checks the ks
     run_dir = prepare_run_dir(cfg, env, resuming=resume is not None)
     grad_accum = cfg.train.grad_accum_steps(env.world_size)
 
@@ -214,6 +219,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path, model, optimizer)
         start_step = state["step"]
+        if "elastic" in state:
+            sampler.load_state_dict(state["elastic"])
     else:
         torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank; the weights were broadcast
     if env.is_main:  # generate missing synthetic shard sets once, before every rank opens them
@@ -264,16 +271,26 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         lrs = set_learning_rates(optimizer, step, cfg.train.max_steps, cfg.optim.final_lr_ratio)
         totals: dict[str, torch.Tensor] = {}
         moe = None
+        passes = sampler.passes(step)
+        n_pass = len(passes)  # sandwich: the step's loss is the mean of its passes' losses
         for i, host_batch in gradient_sync_steps(model, micro_batches, cfg.train.defer_grad_sync):
             batch = to_device(host_batch, env.device)  # one micro-batch on the device at a time
-            want_router = log_now and i == 0
-            loss, parts, router_logits = micro_batch_loss(model, batch, divisor, cfg.train.lm_zloss_weight,
-                                                          len(micro_batches), want_router)
-            loss.backward()
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0) + v
-            if want_router and router_logits:
-                moe = router_stats(router_logits, batch, mcfg.moe.top_k)
+            for j, k_pass in enumerate(passes):
+                if not cfg.elastic.is_default:
+                    elastic.apply(model, k_pass)  # data only; backward (and its recompute) follows at this k
+                want_router = log_now and i == 0 and j == 0
+                loss, parts, router_logits = micro_batch_loss(model, batch, divisor * n_pass,
+                                                              cfg.train.lm_zloss_weight, len(micro_batches) * n_pass,
+                                                              want_router)
+                loss.backward()
+                for k, v in parts.items():
+                    totals[k] = totals.get(k, 0) + v
+                if n_pass > 1:
+                    pass_loss = parts["lm_loss"] + cfg.train.lm_zloss_weight * parts["zloss"]
+                    totals[f"pass{j}_loss"] = totals.get(f"pass{j}_loss", 0) + n_pass * (
+                        pass_loss + parts.get("moe_aux_loss", 0))
+                if want_router and router_logits:
+                    moe = router_stats(router_logits, batch, mcfg.moe.top_k)
         totals["loss"] = totals["lm_loss"] + cfg.train.lm_zloss_weight * totals["zloss"] + totals.get(
             "moe_aux_loss", 0)
         names = sorted(totals)
@@ -319,6 +336,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             metrics.update(memory_stats(env.device))
             if moe:
                 metrics.update(moe)
+            metrics.update(elastic.step_metrics(cfg.elastic, passes,
+                                                [reduced.get(f"pass{j}_loss", reduced["loss"]) for j in range(n_pass)]))
             metrics.update(data.stats())
             logger.log(step, metrics)
             meter.reset()
@@ -327,8 +346,10 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
             (run_dir / "operative_config.gin").write_text(gin.operative_config_str())
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-            ckpt.save_checkpoint(run_dir, step, model, optimizer, {"tokens_seen": tokens_seen},
-                                 cfg.train.keep_last)
+            ckpt.save_checkpoint(run_dir, step, model, optimizer,
+                                 {"tokens_seen": tokens_seen, "elastic": sampler.state_dict()}, cfg.train.keep_last)
+    if not cfg.elastic.is_default:
+        elastic.restore(model, cfg.elastic, mcfg.moe.top_k)
     if progress is not None:
         progress.close()
     logger.close()
