@@ -8,11 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from test_train_distributed import KILL_AT_STEP, _args, _losses, _run
 
 from molmo_fast.config import MolmoEConfig
 from molmo_fast.model.moe import RoutingPolicy, route
 from molmo_fast.train.elastic import CONFIG_KEY, ElasticConfig, KSampler, Pass, record, step_metrics
-from test_train_distributed import KILL_AT_STEP, _args, _losses, _run, shards  # noqa: F401 (a fixture)
 
 KS = (1, 2, 4, 8)
 
@@ -168,6 +168,15 @@ NO_DROPOUT = {"ModelConfig.hf_overrides": "{'vocab_size': 50280, 'embedding_size
 TINY_LAYERS, TINY_TOP_K = 2, 2  # the tiny preset
 
 
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from molmo_fast.data.sources.synthetic import ensure_synthetic_shards
+
+    out = tmp_path_factory.mktemp("data") / "synthetic_charts"
+    ensure_synthetic_shards(out, "synthetic_charts", 64, seed=0, shard_size=16)
+    return out
+
+
 def _elastic(mode: str, ks, **more) -> dict:
     out = {"ElasticConfig.mode": repr(mode), "ElasticConfig.ks": repr(list(ks))}
     out.update({f"ElasticConfig.{k}": repr(v) for k, v in more.items()})
@@ -219,8 +228,9 @@ def test_sandwich_averages_the_losses_of_its_passes(tmp_path, shards):
 
 @pytest.mark.distributed
 def test_kill_9_then_resume_repeats_the_sampled_run(tmp_path, shards):
-    sampling = _elastic("sample", (1, 2), seed=9)
-    args = lambda run: _args(run, shards, **sampling)  # noqa: E731
+    def args(run):
+        return _args(run, shards, **_elastic("sample", (1, 2), seed=9))
+
     _run(args(tmp_path / "reference"))
     proc = _run(args(tmp_path / "killed"), script=KILL_AT_STEP.format(step=5), check=False)
     assert proc.returncode == -signal.SIGKILL and max(_losses(tmp_path / "killed")) == 4
