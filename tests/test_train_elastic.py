@@ -253,3 +253,27 @@ def test_two_ranks_sample_the_same_k_and_match_one_process(tmp_path, shards):
                 for s in a}
     assert _metric(tmp_path / "two", "train/top_k") == _metric(tmp_path / "one", "train/top_k") == expected
     assert len(set(expected.values())) == 2
+
+
+def test_changing_k_between_passes_never_recompiles_compiled_blocks():
+    from torch._dynamo.testing import CompileCounter
+
+    from molmo_fast.model.molmoe import MolmoE
+    from molmo_fast.train.elastic import apply
+
+    mcfg = MolmoEConfig.from_name("tiny")
+    model = MolmoE.from_config_on_meta(mcfg).init_weights(seed=0).train()
+    counter = CompileCounter()
+    for block in model.llm.blocks:  # as parallelize(compile_blocks=True) does, with a counting backend
+        block.forward = torch.compile(block.forward, backend=counter)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    sampler = KSampler(ElasticConfig(mode="sample_per_layer", ks=(1, 2), seed=1), TINY_LAYERS, TINY_TOP_K)
+    seen = set()
+    for step in range(1, 9):
+        for p in sampler.passes(step):
+            apply(model, p)
+            model(input_ids=ids).logits.sum().backward()
+            seen.add(p.top_k)
+            if step == 1:
+                frames = counter.frame_count
+    assert len(seen) > 2 and counter.frame_count == frames >= 1
