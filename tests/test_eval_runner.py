@@ -16,6 +16,8 @@ from molmo_fast.eval import runner
 from molmo_fast.eval.__main__ import main
 from molmo_fast.eval.tasks import get_task
 from molmo_fast.model.molmoe import MolmoE
+from molmo_fast.runtime.checkpoints import checkpoint_step, resolve_checkpoint
+from molmo_fast.runtime.device import resolve_device
 
 SYNTHETIC = ["synthetic_counting", "synthetic_pointing", "synthetic_clocks", "synthetic_charts"]
 N = 6  # with batch 4: one full batch and one padded batch
@@ -191,14 +193,14 @@ def test_loss_mode_matches_a_direct_forward(checkpoint, data_dir, tmp_path):
 
 
 def test_resolve_checkpoint(checkpoint, tmp_path):
-    assert runner.resolve_checkpoint(checkpoint) == checkpoint
+    assert resolve_checkpoint(checkpoint) == checkpoint
     with pytest.raises(ValueError, match="--step"):
-        runner.resolve_checkpoint(checkpoint, step=3)
+        resolve_checkpoint(checkpoint, step=3)
     run_dir = tmp_path / "run"
     shutil.copytree(checkpoint, run_dir / "hf")
-    assert runner.resolve_checkpoint(run_dir) == run_dir / "hf"
+    assert resolve_checkpoint(run_dir) == run_dir / "hf"
     with pytest.raises(FileNotFoundError, match="run directory"):
-        runner.resolve_checkpoint(tmp_path / "nothing")
+        resolve_checkpoint(tmp_path / "nothing")
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -216,21 +218,21 @@ def test_resolve_checkpoint_exports_a_run_step(checkpoint, tmp_path):
     shutil.copy(checkpoint / "config.json", run_dir / "model_config.json")
     (run_dir / "preprocessor").mkdir()
     shutil.copy(checkpoint / "preprocessor_config.json", run_dir / "preprocessor")
-    latest = runner.resolve_checkpoint(run_dir)
+    latest = resolve_checkpoint(run_dir)
     assert latest == run_dir / "checkpoints" / "step_10" / "hf"
-    first = runner.resolve_checkpoint(run_dir, step=5)
+    first = resolve_checkpoint(run_dir, step=5)
     w = "llm.lm_head.weight"
     reference = model.state_dict()[w]
     assert torch.equal(MolmoE.from_pretrained(first).state_dict()[w], reference)
     assert torch.equal(MolmoE.from_pretrained(latest).state_dict()[w], 2 * reference)
-    assert runner._checkpoint_step(first) == 5
+    assert checkpoint_step(first) == 5
     shutil.copytree(latest, run_dir / "hf")  # the trainer's end-of-run export
-    assert runner.resolve_checkpoint(run_dir) == run_dir / "hf" and runner._checkpoint_step(run_dir / "hf") == 10
+    assert resolve_checkpoint(run_dir) == run_dir / "hf" and checkpoint_step(run_dir / "hf") == 10
     newer = run_dir / "checkpoints" / "step_10" / "train_state.json"  # a resumed run saved step 10 again later
     os.utime(newer, (newer.stat().st_mtime + 60, newer.stat().st_mtime + 60))
-    assert runner.resolve_checkpoint(run_dir) == latest
+    assert resolve_checkpoint(run_dir) == latest
     with pytest.raises(FileNotFoundError, match="step 7"):
-        runner.resolve_checkpoint(run_dir, step=7)
+        resolve_checkpoint(run_dir, step=7)
 
 
 def test_gin_suite_with_cli_overrides(checkpoint, data_dir, tmp_path):
@@ -261,14 +263,14 @@ def test_runs_on_cuda_in_bfloat16(checkpoint, data_dir, tmp_path):
     ("auto", 1, 0, False, "cpu", "gloo"),
 ])
 def test_each_torchrun_rank_gets_its_own_gpu_and_nccl(device, world, local_rank, cuda, expected, backend):
-    assert runner.resolve_device(device, world, local_rank, cuda) == (torch.device(expected), backend)
+    assert resolve_device(device, world, local_rank, cuda) == (torch.device(expected), backend)
 
 
 @pytest.mark.parametrize("device, cuda, message", [("cuda:0", True, "all 2 torchrun ranks on one GPU"),
                                                    ("cuda", False, "CUDA is not available")])
 def test_a_device_that_cannot_work_names_the_flag(device, cuda, message):
     with pytest.raises(ValueError, match=rf"--device.*{message}"):
-        runner.resolve_device(device, 2, 1, cuda)
+        resolve_device(device, 2, 1, cuda, "EvalConfig.device (--device)")
 
 
 def test_cli_rejects_a_pinned_gpu_under_torchrun(monkeypatch, capsys):

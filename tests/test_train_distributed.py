@@ -140,7 +140,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_loss_sequence(tmp_path, shar
 @pytest.mark.distributed
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, shards, reference):
     from molmo_fast.model.molmoe import MolmoE
-    from molmo_fast.train.checkpoint import find_checkpoint
+    from molmo_fast.runtime.checkpoints import find_checkpoint
 
     run_dir = tmp_path / "killed_in_write"
     args = _args(run_dir, shards, **{"DataConfig.num_workers": 1, "DataConfig.world_independent": False})

@@ -209,7 +209,8 @@ def test_clipping_is_per_component():
 def test_loss_is_normalised_by_the_divisor_and_adds_moe_aux_only_when_weighted(lb_weight):
     from molmo_fast.config import MolmoEConfig
     from molmo_fast.model.molmoe import MolmoE
-    from molmo_fast.train.trainer import loss_positions, micro_batch_loss
+    from molmo_fast.runtime.loss import loss_positions
+    from molmo_fast.train.trainer import micro_batch_loss
 
     mcfg = MolmoEConfig.from_name("tiny")
     mcfg.moe.load_balancing_weight = lb_weight
@@ -302,7 +303,8 @@ def test_resume_purges_metrics_past_the_checkpoint_and_a_line_cut_by_kill_9(tmp_
 def test_saving_after_a_resume_from_an_earlier_checkpoint_drops_the_abandoned_newer_ones(tmp_path):
     import torch.distributed as dist
 
-    from molmo_fast.train.checkpoint import checkpoint_dirs, find_checkpoint, save_checkpoint
+    from molmo_fast.runtime.checkpoints import checkpoint_dirs, find_checkpoint
+    from molmo_fast.train.checkpoint import save_checkpoint
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

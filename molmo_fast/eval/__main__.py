@@ -5,15 +5,15 @@ Gin files (e.g. gin/eval/synthetic.gin) bind `EvalConfig.*`; command-line flags 
 
 import argparse
 import logging
-from pathlib import Path
 
 import gin
 import torch
 
-from molmo_fast.eval.runner import EvalConfig, resolve_device, run, summary_table, torchrun_env
+from molmo_fast.eval.config import DEVICE_FIELD, EvalConfig
+from molmo_fast.eval.runner import run, summary_table
 from molmo_fast.eval.tasks import TASKS
-
-GIN_DIR = Path(__file__).resolve().parents[2] / "gin"
+from molmo_fast.runtime.device import DTYPES, resolve_device, torchrun_env
+from molmo_fast.runtime.gin_files import parse_gin
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int)
     p.add_argument("--num_workers", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--top_k", type=lambda s: [int(k) for k in s.split(",")], help="MoE top-k: K or K0,K1,...")
     p.add_argument("--knob", dest="knobs", action="append", help="runtime knob KEY=VALUE (molmo_fast.knobs), e.g. "
                    "routing=top_p:0.9 or skip_blocks=3,7; repeatable")
@@ -48,13 +48,11 @@ def main(argv=None) -> list[dict]:
     overrides = {k: v for k, v in vars(args).items() if k not in ("gin_file", "gin_param") and v is not None}
     if isinstance(overrides.get("top_k"), list) and len(overrides["top_k"]) == 1:
         overrides["top_k"] = overrides["top_k"][0]
-    gin.clear_config()  # main() may run more than once in a process (tests); gin state is global
-    gin.add_config_file_search_path(str(GIN_DIR))
-    gin.add_config_file_search_path(str(GIN_DIR.parent))
-    gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+    parse_gin(args.gin_file, args.gin_param)  # clears gin first: main() may run more than once in a process
     try:
         cfg = EvalConfig(**overrides)
-        resolve_device(cfg.device, *torchrun_env(), torch.cuda.is_available())  # a bad --device: a usage error
+        # A device that cannot work is a usage error, reported before any model loads.
+        resolve_device(cfg.device, *torchrun_env(), torch.cuda.is_available(), DEVICE_FIELD)
     except ValueError as e:
         parser.error(str(e))
     finally:

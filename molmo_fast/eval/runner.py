@@ -14,166 +14,45 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import gin
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from molmo_fast import knobs
 from molmo_fast.data.loader import EvalLoader, LoaderConfig
 from molmo_fast.data.preprocessor import Preprocessor
+from molmo_fast.eval.config import DEVICE_FIELD, EvalConfig
 from molmo_fast.eval.tasks import Task, parse_tasks
 from molmo_fast.model.molmoe import MolmoE
-from molmo_fast.train.data import to_device
-from molmo_fast.train.trainer import loss_positions
+from molmo_fast.runtime.checkpoints import checkpoint_step, resolve_checkpoint
+from molmo_fast.runtime.device import DTYPES, Env, barrier, init_distributed, to_device
+from molmo_fast.runtime.loss import loss_positions, masked_token_sums
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@gin.configurable
-@dataclass
-class EvalConfig:
-    """One eval invocation; gin files bind it, command-line flags override (see `python -m molmo_fast.eval`)."""
-
-    checkpoint: str = ""
-    tasks: str | list[str] = ""  # "chart_qa,doc_qa", or the suites "paper" / "synthetic"
-    out: str = "runs/eval"
-    data_dir: str = "data"  # task shards live at {data_dir}/{source}/{split}
-    step: int | None = None  # a run directory's checkpoint step; None = latest
-    max_examples: int | None = None  # per task, the first N of the shard set
-    batch_size: int = 8
-    num_workers: int = 0
-    device: str = "auto"
-    dtype: str = "float32"  # Molmo evaluates in fp32
-    top_k: int | list[int] | None = None  # MoE experts per token (knob); None = the checkpoint's
-    knobs: list[str] = field(default_factory=list)  # molmo_fast.knobs strings: "routing=top_p:0.9", "skip_blocks=3"
-    max_crops: int | None = None  # overrides every task's crop setting (knob)
-    max_new_tokens: int | None = None  # overrides every task's generation length
-    loss: bool = False
-    fsdp: bool = False
-    overwrite: bool = False
-    synthetic_seed: int = 0  # held out from training by the split name ("validation"), not the seed
-
-    def __post_init__(self):
-        if not self.checkpoint:
-            raise ValueError("EvalConfig.checkpoint is required (an HF checkpoint dir or a training run dir)")
-        if not self.tasks:
-            raise ValueError("EvalConfig.tasks is required, e.g. 'chart_qa,doc_qa' or 'synthetic'")
-        try:
-            parse_tasks(self.tasks)
-        except KeyError as e:
-            raise ValueError(f"EvalConfig.tasks = {self.tasks!r}: {e.args[0]}") from None
-        if self.dtype not in DTYPES:
-            raise ValueError(f"EvalConfig.dtype = {self.dtype!r}, expected one of {sorted(DTYPES)}")
-        parsed = knobs.Knobs.parse(self.knobs)
-        for name in ("top_k", "max_crops", "max_new_tokens"):  # a knob string fills an unset explicit field
-            if getattr(self, name) is None:
-                setattr(self, name, getattr(parsed, name))
-        for name in ("batch_size", "max_examples", "max_crops", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"EvalConfig.{name} = {value}, expected >= 1")
-
-
-def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> Path:
-    """An HF-layout directory to load: `path` itself if it is one; for a training run directory, the export
-    `RUN_DIR/hf` (step None) or `RUN_DIR/checkpoints/step_N`, exported once to `step_N/hf`."""
-    path = Path(path)
-    if _is_hf_dir(path):
-        if step is not None:
-            raise ValueError(f"--step {step} given, but {path} is a single HF checkpoint, not a run directory")
-        return path
-    if not (path / "checkpoints").is_dir() and not _is_hf_dir(path / "hf"):
-        raise FileNotFoundError(f"{path}: neither an HF checkpoint (config.json + model.safetensors[.index.json]) "
-                                f"nor a run directory with checkpoints/step_N")
-    # The training stack (DCP, FSDP) is imported only for run directories and FSDP, never for a plain HF eval.
-    from molmo_fast.train.checkpoint import checkpoint_dirs, find_checkpoint
-
-    if step is None and _is_hf_dir(path / "hf"):
-        found = checkpoint_dirs(path)
-        # The end-of-run export, unless a resumed run has since saved a newer checkpoint.
-        if not found or (found[-1][1] / "train_state.json").stat().st_mtime <= (path / "hf").stat().st_mtime:
-            return path / "hf"
-    ckpt_dir = find_checkpoint(path, step)
-    if not _is_hf_dir(ckpt_dir / "hf"):
-        from molmo_fast.export import export_run
-
-        export_run(path, ckpt_dir / "hf", step=int(ckpt_dir.name.removeprefix("step_")))
-    return ckpt_dir / "hf"
-
-
-def _is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(
-        (path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
-
-
-def _checkpoint_step(hf_dir: Path) -> int:
-    """The training step an HF dir came from (its step_N parent, or a run's latest checkpoint for RUN_DIR/hf)."""
-    parent = hf_dir.parent
-    if parent.name.startswith("step_") and parent.name[5:].isdigit():
-        return int(parent.name[5:])
-    if hf_dir.name == "hf" and (parent / "checkpoints").is_dir():
-        from molmo_fast.train.checkpoint import checkpoint_dirs
-
-        steps = checkpoint_dirs(parent)
-        return steps[-1][0] if steps else 0
-    return 0
-
 
 # ------------------------------------------------------------------------------------------------- setup
-def torchrun_env() -> tuple[int, int]:
-    """(world size, local rank) that torchrun gave this process; (1, 0) for a plain launch."""
-    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def resolve_device(device: str, world: int, local_rank: int, cuda_available: bool) -> tuple[torch.device, str]:
-    """This rank's device and the process-group backend for it. Under torchrun each rank takes its own GPU,
-    cuda:LOCAL_RANK, and CUDA tensors go over nccl (gloo stays for the host-side reductions)."""
-    if device.startswith("cuda") and not cuda_available:
-        raise ValueError(f"EvalConfig.device (--device) = {device!r}, but CUDA is not available (use 'cpu' or 'auto')")
-    if device.startswith("cuda:") and world > 1:
-        raise ValueError(f"EvalConfig.device (--device) = {device!r} would put all {world} torchrun ranks on one GPU; "
-                         f"use 'cuda' or 'auto', which give each rank cuda:LOCAL_RANK")
-    if device == "auto":
-        device = "cuda" if cuda_available else "cpu"
-    resolved = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
-    return resolved, "cpu:gloo,cuda:nccl" if resolved.type == "cuda" else "gloo"
-
-
-def _distributed(cfg: EvalConfig) -> tuple[int, int, torch.device]:
-    device, backend = resolve_device(cfg.device, *torchrun_env(), torch.cuda.is_available())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # before the process group, so nccl binds each rank to its own GPU
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group(backend)
+def _distributed(cfg: EvalConfig) -> Env:
+    env = init_distributed(cfg.device, field=DEVICE_FIELD)
     if cfg.fsdp and not dist.is_initialized():
         raise ValueError("EvalConfig.fsdp needs a process group: launch with torchrun --nproc_per_node=N")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return rank, world, device
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+    return env
 
 
 def load_model(cfg: EvalConfig, device: torch.device, rank: int = 0, world: int = 1,
                ) -> tuple[MolmoE, Preprocessor, Path]:
     # Rank 0 resolves first: turning a run's checkpoint into an HF export writes files the others then reuse.
     hf_dir = resolve_checkpoint(cfg.checkpoint, cfg.step) if rank == 0 else None
-    _barrier(world)
+    barrier(world)
     hf_dir = hf_dir or resolve_checkpoint(cfg.checkpoint, cfg.step)
     dtype = DTYPES[cfg.dtype]
     if cfg.fsdp:
-        from molmo_fast.train.parallelize import parallelize
+        from molmo_fast.runtime.parallelize import parallelize
 
         model = MolmoE.from_pretrained(hf_dir, dtype=dtype, device="cpu")
         parallelize(model, device, bf16=False, activation_checkpointing=False, compile_blocks=False)
@@ -204,7 +83,7 @@ def _shard_dir(task: Task, cfg: EvalConfig, rank: int, world: int) -> Path:
             from molmo_fast.data.sources.synthetic import ensure_synthetic_shards
 
             ensure_synthetic_shards(shard_dir, task.source, task.synthetic_size, cfg.synthetic_seed, split=task.split)
-        _barrier(world)
+        barrier(world)
     if not (shard_dir / "sizes.json").is_file():
         raise FileNotFoundError(f"task {task.name!r}: no shard set at {shard_dir}; build it with "
                                 f"python -m molmo_fast.data.build --source {task.source} --split {task.split} "
@@ -215,7 +94,7 @@ def _shard_dir(task: Task, cfg: EvalConfig, rank: int, world: int) -> Path:
 def _settings(task: Task, cfg: EvalConfig, model: MolmoE, pre: Preprocessor, hf_dir: Path,
               shard_dir: Path) -> dict[str, Any]:
     """Everything that determines the numbers; a resumed or cached run must match it."""
-    return {"task": asdict(task), "checkpoint": str(hf_dir), "step": _checkpoint_step(hf_dir),
+    return {"task": asdict(task), "checkpoint": str(hf_dir), "step": checkpoint_step(hf_dir),
             "shards": str(shard_dir.resolve()),
             "max_crops": pre.max_crops, "max_new_tokens": cfg.max_new_tokens or task.max_new_tokens,
             "sequence_length": task.sequence_length, "max_examples": cfg.max_examples, "loss": cfg.loss,
@@ -235,7 +114,7 @@ def _prepare_task_dir(task_dir: Path, settings: dict, cfg: EvalConfig, rank: int
                 raise ValueError(f"{task_dir} holds results made with other settings; pass --overwrite or "
                                  f"another --out (old {settings_file}: {old}, new: {settings})")
         settings_file.write_text(json.dumps(settings, indent=1) + "\n")
-    _barrier(world)
+    barrier(world)
 
 
 def _read_rows(task_dir: Path) -> dict[str, dict]:
@@ -347,12 +226,13 @@ def finalize_task(task: Task, task_dir: Path, settings: dict, elapsed_s: float) 
 @torch.no_grad()
 def loss_task(task: Task, model: MolmoE, pre: Preprocessor, cfg: EvalConfig, shard_dir: Path, rank: int, world: int,
               device: torch.device) -> dict[str, float]:
-    """Teacher-forced cross-entropy and argmax accuracy over the loss-masked tokens, summed over ranks."""
+    """Teacher-forced cross-entropy and argmax accuracy over the loss-masked tokens (both weighted by the loss
+    mask, as in training), summed over ranks."""
     loader = EvalLoader(shard_dir, _TaskPreprocess(task, pre),
                         LoaderConfig(cfg.batch_size, task.sequence_length, num_workers=cfg.num_workers),
                         rank, world, for_inference=False, limit=cfg.max_examples)
     dtype = next(model.parameters()).dtype
-    sums = torch.zeros(5, dtype=torch.float64)  # weighted CE, mask weight, correct tokens, loss tokens, examples
+    sums = torch.zeros(5, dtype=torch.float64)  # weighted CE, weight, weighted correct, loss tokens, examples
     for batch in tqdm(loader, desc=f"{task.name} (loss)", disable=rank != 0, unit="batch"):
         inputs = _model_inputs(batch, "cpu", dtype)
         real = torch.tensor([not m.get("padding") for m in batch["metadata"]])
@@ -363,17 +243,13 @@ def loss_task(task: Task, model: MolmoE, pre: Preprocessor, cfg: EvalConfig, sha
         out = model(inputs["input_ids"], inputs["images"], inputs["image_masks"], inputs["image_input_idx"],
                     position_ids=inputs["position_ids"].clamp_min(0), subsegment_ids=inputs.get("subsegment_ids"),
                     logits_at=at["loss_at"], right_padded=True)
-        logits = out.logits.float()
-        labels, weight = at["loss_labels"], at["loss_weight"]
-        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-        counted = weight > 0
-        hit = (logits.argmax(-1) == labels) & counted
-        sums += torch.stack([(ce * weight).sum(), weight.sum(), hit.sum(), counted.sum(),
+        token = masked_token_sums(out.logits, at["loss_labels"], at["loss_weight"])
+        sums += torch.stack([token["ce"], token["weight"], token["correct"], (at["loss_weight"] > 0).sum(),
                              real.sum().to(device)]).double().cpu()
     if world > 1:
         dist.all_reduce(sums)
     ce_sum, weight, correct, tokens, n = sums.tolist()
-    return {"loss": ce_sum / max(weight, 1e-9), "accuracy": correct / max(tokens, 1.0), "tokens": tokens, "n": n}
+    return {"loss": ce_sum / max(weight, 1e-9), "accuracy": correct / max(weight, 1e-9), "tokens": tokens, "n": n}
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -390,7 +266,8 @@ def summary_table(results: list[dict[str, Any]]) -> str:
 
 def run(cfg: EvalConfig) -> list[dict[str, Any]]:
     """Evaluate every task of `cfg`; returns the per-task results (rank 0; other ranks get [])."""
-    rank, world, device = _distributed(cfg)
+    env = _distributed(cfg)
+    rank, world, device = env.rank, env.world_size, env.device
     model, pre, hf_dir = load_model(cfg, device, rank, world)
     default_crops = pre.max_crops
     out_dir = Path(cfg.out)
@@ -411,13 +288,13 @@ def run(cfg: EvalConfig) -> list[dict[str, Any]]:
                 (task_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
         else:
             generate_task(task, model, pre, cfg, shard_dir, task_dir, rank, world, device)
-            _barrier(world)
+            barrier(world)
             result = finalize_task(task, task_dir, settings, time.perf_counter() - start) if rank == 0 else None
         if rank == 0:
             results.append(result)
-        _barrier(world)
+        barrier(world)
     if rank == 0:
-        _write_outputs(out_dir, results, _checkpoint_step(hf_dir))
+        _write_outputs(out_dir, results, checkpoint_step(hf_dir))
     return results
 
 

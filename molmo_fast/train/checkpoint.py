@@ -14,7 +14,6 @@ The learning-rate schedule is a pure function of the step, so restoring the step
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -22,36 +21,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and (p / "train_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
-    """The checkpoint of `step`, or the latest one; a clear error when there is none."""
-    found = checkpoint_dirs(run_dir)
-    if step is not None:
-        found = [(s, p) for s, p in found if s == step]
-    if not found:
-        what = f"step {step}" if step is not None else "any step"
-        raise FileNotFoundError(f"no complete checkpoint for {what} under {Path(run_dir) / 'checkpoints'}")
-    return found[-1][1]
+from molmo_fast.runtime.checkpoints import checkpoint_dirs
 
 
 def _rng_state() -> dict:
@@ -124,11 +103,6 @@ def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor]) -> 
     """Collective: loads a full (unsharded) state dict held by rank 0 into a sharded model."""
     set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
                                                                   strict=True))
-
-
-def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Collective: the full state dict gathered on CPU (empty on ranks other than 0)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _fsync_dir(path: Path) -> None:

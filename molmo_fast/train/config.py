@@ -6,17 +6,18 @@ DataLoader workers under any start method.
 """
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gin
 
+from molmo_fast import kernels
+from molmo_fast.runtime.gin_files import parse_gin
 from molmo_fast.train.elastic import ElasticConfig
 
-GIN_DIR = Path(__file__).resolve().parents[2] / "gin"
-_GROUPS = ("vit", "connector", "llm")
+# The optimizer's parameter groups (molmo_fast/train/optim.py), keys of OptimConfig.lr / warmup.
+GROUPS = ("vit", "connector", "llm")
 
 
 def _require(cond: bool, cls: str, name: str, value: Any, expected: str) -> None:
@@ -52,8 +53,8 @@ class ModelConfig:
                  f"one of {INIT_SCHEMES}")
         _require(not (self.init_from and (self.llm_from or self.vit_from)), "ModelConfig", "init_from",
                  self.init_from, "either init_from or llm_from/vit_from, not both")
-        _require(self.moe_impl in ("auto", "loop", "grouped_mm", "triton"), "ModelConfig", "moe_impl",
-                 self.moe_impl, "one of auto, loop, grouped_mm, triton")
+        _require(self.moe_impl in kernels.IMPLS, "ModelConfig", "moe_impl", self.moe_impl,
+                 f"one of {kernels.IMPLS}")
         for name in ("init_from", "llm_from", "vit_from"):
             path = getattr(self, name)
             _require(path is None or (Path(path) / "config.json").is_file(), "ModelConfig", name, path,
@@ -183,8 +184,8 @@ class OptimConfig:
     def __post_init__(self):
         for name in ("lr", "warmup"):
             value = getattr(self, name)
-            _require(set(value) == set(_GROUPS), "OptimConfig", name, value,
-                     f"a dict with exactly the keys {list(_GROUPS)}")
+            _require(set(value) == set(GROUPS), "OptimConfig", name, value,
+                     f"a dict with exactly the keys {list(GROUPS)}")
             _require(all(v >= 0 for v in value.values()), "OptimConfig", name, value, "non-negative values")
         _require(0 <= self.final_lr_ratio <= 1, "OptimConfig", "final_lr_ratio", self.final_lr_ratio, "in [0, 1]")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "OptimConfig", "betas", self.betas,
@@ -247,37 +248,14 @@ class Config:
         return {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "optim", "train", "elastic")}
 
 
-_SEARCH_PATHS: list[str] = []  # gin keeps its search path across clear_config(); add each directory once
-
-
-def _add_search_path(directory: Path) -> None:
-    if str(directory) not in _SEARCH_PATHS:
-        _SEARCH_PATHS.append(str(directory))
-        gin.add_config_file_search_path(str(directory))
-
-
 def load_config(gin_files: list[str], gin_params: list[str] | None = None) -> Config:
-    """Parses gin files + bindings and builds every config object now, so a bad binding fails at start.
-
-    `include` lines and gin file names resolve from the current directory, then each given file's directory,
-    the repo's gin/ and the repo root, so `include 'tiny.gin'` works from any working directory."""
-    gin.clear_config()
-    for path in gin_files:
-        if Path(path).is_file():
-            _add_search_path(Path(path).resolve().parent)
-    _add_search_path(GIN_DIR)
-    _add_search_path(GIN_DIR.parent)
-    # gin's package-resource reader logs "Path not found" for every search-path miss before the next path hits.
-    quiet = logging.Filter()
-    quiet.filter = lambda record: not str(record.msg).startswith("Path not found")
-    logging.getLogger().addFilter(quiet)
+    """Parses gin files + bindings (see `parse_gin`) and builds every config object now, so a bad binding fails
+    at start."""
     try:
-        gin.parse_config_files_and_bindings(list(gin_files), list(gin_params or []))
+        parse_gin(gin_files, gin_params)
         cfg = Config(model=ModelConfig(), data=DataConfig(), optim=OptimConfig(), train=TrainConfig(),
                      elastic=ElasticConfig())
     except (ValueError, KeyError, TypeError, OSError, SyntaxError, RuntimeError) as e:
         raise SystemExit(f"molmo_fast.train: bad configuration: {e}") from e
-    finally:
-        logging.getLogger().removeFilter(quiet)
     cfg.gin_config = gin.config_str()
     return cfg

@@ -9,8 +9,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from molmo_fast.train.config import DataConfig
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "special_tokens.json")
@@ -95,7 +93,3 @@ class TrainData:
 
     def close(self) -> None:
         del self._it
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

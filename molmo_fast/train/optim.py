@@ -12,9 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from molmo_fast.train.config import OptimConfig
-
-GROUPS = ("vit", "connector", "llm")
+from molmo_fast.train.config import GROUPS, OptimConfig
 
 
 def param_group(name: str, cfg: OptimConfig) -> str:

@@ -6,59 +6,32 @@ first forward), so averaging gradients over ranks gives the exact per-token mean
 world size or accumulation split. The LM z-loss and the MoE aux losses use the same divisor.
 """
 
-import datetime
 import math
-import os
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from molmo_fast.runtime.checkpoints import checkpoint_dirs, find_checkpoint
+from molmo_fast.runtime.device import Env, init_distributed, to_device
+from molmo_fast.runtime.export import export_sharded_model
+from molmo_fast.runtime.loss import loss_positions, masked_token_sums
+from molmo_fast.runtime.parallelize import parallelize
 from molmo_fast.train import checkpoint as ckpt
 from molmo_fast.train import elastic
 from molmo_fast.train.config import Config
-from molmo_fast.train.data import TrainData, build_mixture, to_device, write_preprocessor_dir
+from molmo_fast.train.data import TrainData, build_mixture, write_preprocessor_dir
 from molmo_fast.train.metrics import FlopCounter, MetricsLogger, Throughput, memory_stats, peak_flops
 from molmo_fast.train.optim import build_optimizer, clip_grad_norms, set_learning_rates
-from molmo_fast.train.parallelize import parallelize
 
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-@dataclass
-class Env:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Env:
-    """Joins the torchrun group, or makes a one-process group so single-process runs take the same code path."""
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
-        if "RANK" in os.environ:
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return Env(dist.get_rank(), dist.get_world_size(), device)
 
 
 def git_revision() -> str:
@@ -128,24 +101,6 @@ def build_model(cfg: Config, env: Env) -> nn.Module:
     return model.train()
 
 
-def loss_positions(batch: dict) -> dict[str, torch.Tensor]:
-    """Where a micro-batch's loss is, computed on its host copy so the device never syncs for it.
-
-    The LM head runs at the loss positions only (`logits_at`): every loss term is masked to them, and in Molmo's
-    data they are a small part of the sequence (answers, not images or prompts), so this skips most of the
-    largest matmul and of the [tokens, vocab] logits memory. Rows are left-packed with their loss positions and
-    padded with weight-0 slots up to the longest row: `loss_at`, `loss_weight`, `loss_labels` [B, n], plus
-    `response_mask` [B, S] (tokens that carry loss) and `loss_tokens` (the summed weights, 0-dim).
-    """
-    mask_BS = batch["loss_masks"].clamp_min(0) * (batch["labels"] >= 0)
-    has_loss_BS = mask_BS > 0
-    n = max(int(has_loss_BS.sum(1).max()), 1)
-    at_Bn = torch.argsort(has_loss_BS.to(torch.int8), dim=1, descending=True, stable=True)[:, :n]
-    return {"loss_at": at_Bn, "loss_weight": mask_BS.gather(1, at_Bn),
-            "loss_labels": batch["labels"].gather(1, at_Bn).clamp_min(0), "response_mask": has_loss_BS,
-            "loss_tokens": mask_BS.sum(dtype=torch.float32)}
-
-
 def gradient_sync_steps(model: nn.Module, micro_batches: list[dict], defer: bool) -> Iterator[tuple[int, dict]]:
     """The step's micro-batches, enumerated. With `defer`, an FSDP2 model reduce-scatters gradients only in the
     backward of the last one: one reduce-scatter per step instead of per micro-batch, at the price of holding
@@ -165,17 +120,14 @@ def micro_batch_loss(model: nn.Module, batch: dict, divisor: torch.Tensor, lm_zl
                 image_input_idx=batch.get("image_input_idx"), position_ids=batch.get("position_ids"),
                 subsegment_ids=batch.get("subsegment_ids"), output_router_logits=want_router,
                 logits_at=batch["loss_at"], right_padded=True, response_mask=batch["response_mask"])
-    logits = out.logits.float().flatten(0, 1)  # [B * n, vocab]
-    labels, weight = batch["loss_labels"].flatten(), batch["loss_weight"].flatten()
-    lm_loss = (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / divisor
-    z_loss = (torch.logsumexp(logits, dim=-1).pow(2) * weight).sum() / divisor
+    sums = masked_token_sums(out.logits, batch["loss_labels"], batch["loss_weight"])
+    lm_loss, z_loss = sums["ce"] / divisor, sums["zloss"] / divisor
     loss = lm_loss + lm_zloss_weight * z_loss
     moe_aux = getattr(out, "aux_loss", None)
     if moe_aux is not None:
         # Per micro-batch means, averaged over the micro-batches of the step (as Molmo does).
         loss = loss + moe_aux / n_micro
-    parts = {"lm_loss": lm_loss.detach(), "zloss": z_loss.detach(),
-             "correct": ((logits.argmax(-1) == labels).float() * weight).sum().detach() / divisor}
+    parts = {"lm_loss": lm_loss.detach(), "zloss": z_loss.detach(), "correct": sums["correct"].detach() / divisor}
     if moe_aux is not None:
         parts["moe_aux_loss"] = moe_aux.detach() / n_micro
     return loss, parts, getattr(out, "router_logits", None)
@@ -203,11 +155,11 @@ def router_stats(router_logits: list[torch.Tensor], batch: dict, top_k: int) -> 
 
 def train(cfg: Config, resume: str | None = None) -> dict:
     """Runs (or resumes) a training job; returns the final step's metrics. `resume`: "latest" or a checkpoint dir."""
-    env = init_distributed()
+    env = init_distributed(always_group=True)
     torch.manual_seed(cfg.train.seed)
     resume_path = None
     if resume:
-        resume_path = ckpt.find_checkpoint(cfg.train.run_dir) if resume == "latest" else Path(resume)
+        resume_path = find_checkpoint(cfg.train.run_dir) if resume == "latest" else Path(resume)
     model_config = cfg.model.build_config()
     sampler = elastic.KSampler(cfg.elastic, model_config.llm.n_layers, model_config.moe.top_k)  # checks the ks
     run_dir = prepare_run_dir(cfg, env, resuming=resume is not None)
@@ -304,7 +256,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         norm_values = dict(zip(norms, values[len(names):-1]))
         bad = [k for k, v in {"loss": reduced["loss"], **norm_values}.items() if not math.isfinite(v)]
         if bad:
-            last = ckpt.checkpoint_dirs(run_dir)
+            last = checkpoint_dirs(run_dir)
             keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
             logger.close()
             raise TrainingDiverged(f"step {step}: non-finite {', '.join(bad)} (loss={reduced['loss']}, grad norms="
@@ -355,8 +307,6 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     logger.close()
     data.close()
     if cfg.train.export_hf_at_end and start_step < cfg.train.max_steps:
-        from molmo_fast.export import export_sharded_model
-
         export_sharded_model(model, run_dir, run_dir / "hf", env.is_main)
         dist.barrier()
     return metrics
