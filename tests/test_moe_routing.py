@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from molmo_fast import knobs
 from molmo_fast.config import MolmoEConfig
-from molmo_fast.model.moe import (MoE, RoutingPolicy, expert_load, load_balancing_loss, route, router_z_loss)
+from molmo_fast.model.moe import MoE, RoutingPolicy, expert_load, load_balancing_loss, route, router_z_loss
 from molmo_fast.model.molmoe import MolmoE
 
 T, E, K = 40, 8, 4
@@ -46,7 +46,7 @@ def test_per_token_k(logits):
 
 @pytest.mark.parametrize("p", [0.3, 0.6, 0.9])
 def test_top_p_smallest_set(logits, p):
-    idx, w = route(logits, K, K, RoutingPolicy("top_p", top_p=p))
+    idx, _ = route(logits, K, K, RoutingPolicy("top_p", p))
     sorted_p = logits.softmax(-1).sort(-1, descending=True).values
     for t in range(T):
         need = int((sorted_p[t].cumsum(0) < p).sum()) + 1  # smallest prefix reaching mass p
@@ -56,7 +56,7 @@ def test_top_p_smallest_set(logits, p):
 
 
 def test_threshold(logits):
-    idx, w = route(logits, K, K, RoutingPolicy("threshold", threshold=0.2))
+    idx, w = route(logits, K, K, RoutingPolicy("threshold", 0.2))
     probs = logits.softmax(-1)
     expect = ((probs >= 0.2).sum(-1).clamp(1, K))
     assert torch.equal((idx >= 0).sum(-1), expect)
@@ -64,10 +64,16 @@ def test_threshold(logits):
 
 
 def test_bad_policy():
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="nope"):
         RoutingPolicy("nope")
     with pytest.raises(ValueError, match="top_p"):
-        RoutingPolicy("top_p", top_p=0.0)
+        RoutingPolicy("top_p", 0.0)
+    with pytest.raises(ValueError, match="threshold"):
+        RoutingPolicy.parse("threshold:1.5")
+    with pytest.raises(ValueError, match="no parameter"):
+        RoutingPolicy.parse("topk:3")
+    assert RoutingPolicy.parse("top_p") == RoutingPolicy("top_p", 1.0)
+    assert str(RoutingPolicy.parse("top_p:0.90")) == "top_p:0.9"
 
 
 def test_aux_losses_and_load(logits):

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from molmo_fast.model.attention import KVCache
+from molmo_fast.model.moe import GENERATED, PAD
 
 
 @torch.no_grad()
@@ -54,7 +55,9 @@ def generate(model, input_ids: torch.Tensor, images: torch.Tensor | None = None,
         new_tokens.append(token)
         if step == max_new_tokens - 1 or (eos is not None and _all_finished(finished, sync_ranks, group)):
             break
-        out = model(token.unsqueeze(1), position_ids=next_pos, past_key_values=cache, use_cache=True, top_k=top_k)
+        kind = torch.where(finished, PAD, GENERATED).to(torch.int8).unsqueeze(1)  # finished rows' tokens: padding
+        out = model(token.unsqueeze(1), position_ids=next_pos, past_key_values=cache, use_cache=True, top_k=top_k,
+                    token_kind=kind)
         next_pos = next_pos + 1
         logits = out.logits[:, -1]
     ids = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1) if new_tokens else input_ids

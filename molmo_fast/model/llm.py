@@ -14,7 +14,7 @@ from torch import nn
 from molmo_fast.config import MolmoEConfig
 from molmo_fast.model.attention import Attention, KVCache, RMSNorm, build_attention_mask, rope_cos_sin
 from molmo_fast.model.dropout import ResidualDropout
-from molmo_fast.model.moe import MoE, load_balancing_loss, router_z_loss
+from molmo_fast.model.moe import PAD, MoE, load_balancing_loss, router_z_loss, token_kinds
 
 
 class Embedding(nn.Module):
@@ -44,9 +44,9 @@ class Block(nn.Module):
         self.moe = MoE(cfg.llm, cfg.moe)
         self.dropout = ResidualDropout(cfg.dropout.residual, cfg.dropout.response_residual)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, top_k=None, response_mask=None):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, top_k=None, response_mask=None, token_kind=None):
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer), response_mask)
-        y, router_logits, expert_idx = self.moe(self.ffn_norm(x), top_k)
+        y, router_logits, expert_idx = self.moe(self.ffn_norm(x), top_k, token_kind)
         return x + self.dropout(y, response_mask), router_logits, expert_idx
 
 
@@ -74,8 +74,14 @@ class LLM(nn.Module):
                 subsegment_ids_BS: torch.Tensor | None = None, past_key_values: KVCache | None = None,
                 use_cache: bool = False, output_router_logits: bool = False,
                 top_k: int | list | torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                right_padded: bool = False, response_mask_BS: torch.Tensor | None = None) -> LLMOutput:
+                right_padded: bool = False, response_mask_BS: torch.Tensor | None = None,
+                token_kind_BS: torch.Tensor | None = None) -> LLMOutput:
+        """`token_kind_BS` (molmo_fast.model.moe kinds) defaults to image at `image_input_idx`, text elsewhere."""
         valid_BS = input_ids_BS != -1
+        if token_kind_BS is None:
+            token_kind_BS = token_kinds(input_ids_BS, image_input_idx_BM)
+        else:
+            token_kind_BS = token_kind_BS.to(torch.int8).masked_fill(~valid_BS, PAD)
         x = self.wte(input_ids_BS)
         if image_features_BMD is not None:
             # Features whose index is negative (dropped / batch padding) are added to position 0 with weight 0,
@@ -105,7 +111,7 @@ class LLM(nn.Module):
         for i, block in enumerate(self.blocks):
             if i in self.skip_blocks:
                 continue
-            x, logits_TE, idx_TK = block(x, cos, sin, mask, cache, i, per_layer_k[i], response_mask_BS)
+            x, logits_TE, idx_TK = block(x, cos, sin, mask, cache, i, per_layer_k[i], response_mask_BS, token_kind_BS)
             if output_router_logits:
                 router_logits.append(logits_TE)
             if want_aux:

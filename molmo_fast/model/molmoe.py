@@ -78,13 +78,15 @@ class MolmoE(nn.Module):
                 past_key_values: KVCache | None = None, use_cache: bool = False,
                 output_router_logits: bool = False, top_k: int | list | torch.Tensor | None = None,
                 logits_at: torch.Tensor | None = None, right_padded: bool = False,
-                response_mask: torch.Tensor | None = None) -> MolmoEOutput:
+                response_mask: torch.Tensor | None = None, token_kind: torch.Tensor | None = None) -> MolmoEOutput:
         """`top_k` overrides the MoE top-k for this call: an int, a per-layer list, or a per-token [B, S] tensor.
         `logits_at` [B, n] computes logits only at those positions (-> [B, n, embedding_size]).
         `right_padded=True` states that every row is its tokens followed only by -1 padding (collated training
         batches); without subsegment_ids or a filled cache, attention then runs as plain causal SDPA (no mask,
         flash kernels on GPU) -- exact at every valid position, padding positions' outputs differ.
         `response_mask` [B, S] (loss_masks > 0) selects where `response_residual_dropout` applies in training.
+        `token_kind` [B, S] (molmo_fast.model.moe.TOKEN_KINDS ids) picks each token's per-kind top-k cap; default:
+        image at `image_input_idx`, text elsewhere (generate passes "generated" for the tokens it feeds back).
         A given `past_key_values` cache is updated in place."""
         image_features = flat_features = flat_idx = None
         if images is not None and images.shape[1] > 0:
@@ -95,17 +97,17 @@ class MolmoE(nn.Module):
             flat_features = image_features.reshape(B, N * T, D)
             flat_idx = image_input_idx.reshape(B, N * T)
         out = self.llm(input_ids, flat_features, flat_idx, position_ids, subsegment_ids, past_key_values,
-                       use_cache, output_router_logits, top_k, logits_at, right_padded, response_mask)
+                       use_cache, output_router_logits, top_k, logits_at, right_padded, response_mask, token_kind)
         return MolmoEOutput(out.logits, out.past_key_values, out.router_logits, out.aux_loss, image_features)
 
     generate = generate
 
     # ---------------------------------------------------------------- init
     def reset_runtime_buffers(self) -> None:
-        """(Re)create the non-persistent buffers (per-layer top-k) on the parameters' device."""
+        """(Re)create the non-persistent buffers (the MoE runtime knobs and counters) on the parameters' device."""
         device = self.llm.lm_head.weight.device
         for block in self.llm.blocks:
-            block.moe.top_k = torch.tensor(block.moe.k, device=device)
+            block.moe.reset_runtime_buffers(device)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, device: str | torch.device | None = None,
