@@ -154,10 +154,12 @@ import json, os, sys
 from molmo_fast.model import moe
 forward, layers = moe.MoE.forward, {}
 log = open(os.environ["K_LOG"], "a")
-def recording_forward(self, x_BSD, top_k=None):
-    y, logits, idx = forward(self, x_BSD, top_k)
+def recording_forward(self, x_BSD, top_k, token_kind_BS):
+    y, logits, idx = forward(self, x_BSD, top_k, token_kind_BS)
     layer = layers.setdefault(id(self), len(layers))
-    log.write(json.dumps([layer, (idx >= 0).sum(-1).unique().tolist()]) + "\\n")
+    active_T, kind_T = (idx >= 0).sum(-1), token_kind_BS.reshape(-1)
+    by_kind = {moe.TOKEN_KINDS[c]: active_T[kind_T == c].unique().tolist() for c in (0, 1)}
+    log.write(json.dumps([layer, by_kind]) + "\\n")
     log.flush()
     return y, logits, idx
 moe.MoE.forward = recording_forward
@@ -189,23 +191,26 @@ def _metric(run_dir, name: str) -> dict[int, float]:
 
 
 def test_the_moe_layers_run_the_drawn_k_in_every_pass_and_recompute(tmp_path, shards, monkeypatch):
-    """sample_per_layer with accumulation and activation checkpointing: each MoE forward, and its recompute in
-    backward, routes every token to exactly the k the seeded sampler drew for that step and layer."""
-    cfg = ElasticConfig(mode="sample_per_layer", ks=(1, 2), seed=5)
+    """sample_per_layer + a sampled image budget, with accumulation and activation checkpointing: each MoE forward,
+    and its recompute in backward, routes every text token to exactly the k the seeded sampler drew for that step
+    and layer, and every image token to the smaller of that k and the drawn image budget."""
+    cfg = ElasticConfig(mode="sample_per_layer", ks=(1, 2), kind_ks={"image": [1, 2]}, seed=5)
     monkeypatch.setenv("K_LOG", str(tmp_path / "k.jsonl"))
     _run(_args(tmp_path / "run", shards, **{"TrainConfig.max_steps": 4, "TrainConfig.activation_checkpointing": True},
-               **_elastic("sample_per_layer", (1, 2), seed=5)), script=RECORD_K)
+               **_elastic("sample_per_layer", (1, 2), kind_ks={"image": [1, 2]}, seed=5)), script=RECORD_K)
     seen = [tuple(json.loads(line)) for line in (tmp_path / "k.jsonl").read_text().splitlines()]
     sampler, expected = KSampler(cfg, TINY_LAYERS, TINY_TOP_K), []
     for step in range(1, 5):
         (p,) = sampler.passes(step)
+        image_k = dict(p.kinds)["image"]
         for _micro in range(2):  # global batch 4 = micro-batch 2 x 2 accumulation
-            forward = [(layer, [p.top_k[layer]]) for layer in range(TINY_LAYERS)]
+            forward = [(layer, {"text": [k], "image": [min(k, image_k)]}) for layer, k in enumerate(p.top_k)]
             expected += forward + forward[::-1]  # the backward recomputes the blocks last to first
     assert seen == expected
-    assert len({p.top_k for s in range(1, 5) for p in sampler.passes(s)}) > 1  # k really changed
-    logged = _metric(tmp_path / "run", "train/top_k/layer1")
-    assert logged == {s: sampler.passes(s)[0].top_k[1] for s in range(1, 5)}
+    draws = [sampler.passes(s)[0] for s in range(1, 5)]
+    assert len({p.top_k for p in draws}) > 1 and len({p.kinds for p in draws}) > 1  # k really changed
+    assert _metric(tmp_path / "run", "train/top_k/layer1") == {s: p.top_k[1] for s, p in enumerate(draws, 1)}
+    assert _metric(tmp_path / "run", "train/top_k_image") == {s: dict(p.kinds)["image"] for s, p in enumerate(draws, 1)}
 
 
 def test_sandwich_averages_the_losses_of_its_passes(tmp_path, shards):

@@ -143,13 +143,13 @@ def apply(model, p: Pass) -> None:
         knobs.set_top_k(model, k, kind=kind)
 
 
-def restore(model, cfg: ElasticConfig, top_k: int) -> None:
-    """Back to the model's default k everywhere (for what runs after training: export, eval)."""
+def restore(model, cfg: ElasticConfig) -> None:
+    """Back to the model's default k and no kind caps (for what runs after training: export, eval)."""
     from molmo_fast import knobs
 
-    knobs.set_top_k(model, top_k)
+    knobs.set_top_k(model, model.config.moe.top_k)
     for kind in cfg.kind_ks:
-        knobs.set_top_k(model, top_k, kind=kind)
+        knobs.set_top_k(model, model.config.moe.num_experts, kind=kind)  # a cap of E = no cap
 
 
 def step_metrics(cfg: ElasticConfig, passes: list[Pass], pass_losses: list[float]) -> dict[str, float]:

@@ -301,7 +301,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             ckpt.save_checkpoint(run_dir, step, model, optimizer,
                                  {"tokens_seen": tokens_seen, "elastic": sampler.state_dict()}, cfg.train.keep_last)
     if not cfg.elastic.is_default:
-        elastic.restore(model, cfg.elastic, mcfg.moe.top_k)
+        elastic.restore(model, cfg.elastic)
     if progress is not None:
         progress.close()
     logger.close()
