@@ -35,7 +35,7 @@ def test_sample_draws_one_k_per_step_from_the_list_reproducibly():
     assert draws == _draws(ElasticConfig(mode="sample", ks=KS, seed=7))  # same seed: every rank, every restart
     assert draws != _draws(ElasticConfig(mode="sample", ks=KS, seed=8))
     ks = [p[0].top_k for p in draws]
-    assert all(len(p) == 1 and len(set(k)) == 1 for p, k in zip(draws, ks))  # one k shared by all layers
+    assert all(len(p) == 1 and len(set(k)) == 1 for p, k in zip(draws, ks, strict=True))  # one k shared by all layers
     counts = Counter(k[0] for k in ks)
     assert set(counts) == set(KS) and min(counts.values()) > 25  # ~50 each of 200: uniform by default
     # The draw of step s does not depend on which steps were drawn before (a resumed run skips the early ones).

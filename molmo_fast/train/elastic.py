@@ -163,7 +163,7 @@ def step_metrics(cfg: ElasticConfig, passes: list[Pass], pass_losses: list[float
         out[f"train/top_k_{kind}"] = sum(dict(p.kinds)[kind] for p in passes) / len(passes)
     if cfg.mode == "sandwich":
         by_k: dict[int, list[float]] = {}
-        for p, loss in zip(passes, pass_losses):
+        for p, loss in zip(passes, pass_losses, strict=True):
             by_k.setdefault(p.top_k[0], []).append(loss)
         out.update({f"train/loss_k{k}": sum(v) / len(v) for k, v in sorted(by_k.items())})
     return out
