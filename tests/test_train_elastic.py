@@ -8,7 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from test_train_distributed import KILL_AT_STEP, _args, _losses, _run
+from test_train_distributed import KILL_AT_STEP, REPO, _args, _losses, _run
+from test_train_unit import fake_shard_set
 
 from molmo_fast.config import MolmoEConfig
 from molmo_fast.model.moe import RoutingPolicy, route
@@ -145,6 +146,37 @@ def test_record_writes_the_training_routing_and_loading_sets_it(golden_dir, tmp_
     assert {b.moe.policy.kind for b in MolmoE(loaded).llm.blocks} == {"topk_renorm"}
     assert loaded.to_hf_dict() == json.loads((tmp_path / "config.json").read_text())
 
+
+
+def test_elastic_recipes_parse_and_fit_their_models(tmp_path):
+    """gin/demo_moe_elastic.gin is gin/demo_moe.gin plus the policy; gin/pixmo_finetune_elastic.gin starts from an
+    HF checkpoint with the sandwich rule (only config-time checks here: it needs the real data and weights)."""
+    from molmo_fast.train.config import load_config
+
+    demo = load_config([str(REPO / "gin" / "demo_moe_elastic.gin")])
+    fixed = load_config([str(REPO / "gin" / "demo_moe.gin")])
+    assert (demo.elastic.mode, demo.elastic.ks, demo.elastic.renorm) == ("sample", KS, True)
+    assert fixed.elastic.is_default and demo.train.run_dir == "runs/demo_moe_elastic"
+    for part in ("model", "data", "optim"):
+        assert demo.to_dict()[part] == fixed.to_dict()[part], part
+    assert {**demo.to_dict()["train"], "run_dir": ""} == {**fixed.to_dict()["train"], "run_dir": ""}
+    mcfg = demo.model.build_config()
+    KSampler(demo.elastic, mcfg.llm.n_layers, mcfg.moe.top_k)  # every k fits the model's K_max
+
+    text = (REPO / "gin" / "pixmo_finetune_elastic.gin").read_text()
+    params = [f"INIT_CHECKPOINT = '{tmp_path / 'init'}'", f"FINETUNE_SHARDS_ROOT = '{tmp_path / 'data'}'"]
+    (tmp_path / "init").mkdir()
+    (tmp_path / "init" / "config.json").write_text("{}")
+    base = (REPO / "gin" / "pixmo_finetune.gin").read_text()
+    for names in ("DEMO", "AUX", "POINTING"):
+        for name in base.split(f"\n{names} = [")[1].split("]")[0].split(","):
+            fake_shard_set(tmp_path / "data" / name.strip().strip('"\n '))
+    assert "Required macros: none" in text.split("\n\n")[0]
+    ft = load_config([str(REPO / "gin" / "pixmo_finetune_elastic.gin")], params)
+    assert (ft.elastic.mode, ft.elastic.ks, ft.elastic.n_sampled, ft.elastic.renorm) == ("sandwich", KS, 1, True)
+    assert ft.model.init_from == str(tmp_path / "init") and ft.train.run_dir == "runs/pixmo_finetune_elastic"
+    released = MolmoEConfig.from_name("molmoe-1b")
+    KSampler(ft.elastic, released.llm.n_layers, released.moe.top_k)
 
 # ---------------------------------------------------------------------------- in the trainer (tiny model, CLI runs)
 # Records, for every MoE forward (activation-checkpoint recomputes included), the layer and the number of active
