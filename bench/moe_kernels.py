@@ -1,6 +1,6 @@
 """Time the MoE MLP implementations at the MolmoE shape (D=2048, H=1024, E=64), forward and fwd+bwd.
 
-    python bench/moe_kernels.py [--quick] [--out bench/moe_kernels.json]
+    python bench/moe_kernels.py [--quick] [--out runs/bench/moe_kernels.json]
     python bench/moe_kernels.py --device cpu --tiny      # seconds-long smoke run of the script itself
 
 molmo_fast paths get expert_idx [T, K_max = max k] with the first k slots active (runtime top-k, one
@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     parser.add_argument("--exact-k", action="store_true", help="give molmo_fast paths K = k, not K_max = max(k)")
     parser.add_argument("--no-recompile-check", action="store_true")
-    parser.add_argument("--out", default="bench/moe_kernels.json", help="JSON results path")
+    parser.add_argument("--out", default="runs/bench/moe_kernels.json", help="JSON results path")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device (use --device cpu --tiny for a smoke run)")

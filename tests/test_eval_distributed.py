@@ -11,11 +11,11 @@ from collections import Counter
 
 import pytest
 from safetensors.torch import load_file, save_file
+from test_eval_runner import checkpoint, data_dir  # noqa: F401  (module-scoped fixtures)
 
 from molmo_fast.data.preprocessor import Preprocessor
 from molmo_fast.eval.__main__ import main
 from molmo_fast.model.molmoe import MolmoE
-from test_eval_runner import checkpoint, data_dir  # noqa: F401  (module-scoped fixtures)
 
 # Batch 1: each rank decodes one row at a time, so a row that ends early meets a longer one on the other rank.
 ARGS = ["--tasks", "synthetic_charts", "--max_examples", "7", "--batch_size", "1", "--max_new_tokens", "4"]

@@ -12,7 +12,7 @@ import torch
 from molmo_fast.config import MolmoEConfig
 from molmo_fast.data.formatter import count_to_text, points_to_text
 from molmo_fast.data.sources.synthetic import make_example
-from molmo_fast.eval import runner
+from molmo_fast.eval import generation, runner
 from molmo_fast.eval.__main__ import main
 from molmo_fast.eval.tasks import get_task
 from molmo_fast.model.molmoe import MolmoE
@@ -94,10 +94,10 @@ def test_ranks_score_every_example_exactly_once(checkpoint, data_dir, tmp_path):
     task_dir = tmp_path / task.name
     task_dir.mkdir()
     for rank in range(3):
-        runner.generate_task(task, model, pre, cfg, shard_dir, task_dir, rank, 3, torch.device("cpu"))
+        generation.generate_task(task, model, pre, cfg, shard_dir, task_dir, rank, 3, torch.device("cpu"))
     per_rank = [len(_rows(f)) for f in sorted(task_dir.glob("predictions.rank*.jsonl"))]
     assert per_rank == [3, 3, 1]
-    result = runner.finalize_task(task, task_dir, {}, 0.0)
+    result = generation.finalize_task(task, task_dir, {}, 0.0)
     ids = [row["id"] for row in _rows(task_dir / "predictions.jsonl")]
     assert result["n"] == 7 and ids == sorted(set(ids)) and len(ids) == 7
     assert not list(task_dir.glob("predictions.rank*.jsonl"))
@@ -168,9 +168,9 @@ def test_oracle_outputs_score_one(checkpoint, data_dir, tmp_path, name):
     task = get_task(name)
     task_dir = tmp_path / name
     task_dir.mkdir()
-    runner.generate_task(task, model, pre, cfg, runner._shard_dir(task, cfg, 0, 1), task_dir, 0, 1,
+    generation.generate_task(task, model, pre, cfg, runner._shard_dir(task, cfg, 0, 1), task_dir, 0, 1,
                          torch.device("cpu"))
-    result = runner.finalize_task(task, task_dir, {}, 0.0)
+    result = generation.finalize_task(task, task_dir, {}, 0.0)
     assert result["score"] == 1.0, _rows(task_dir / "predictions.jsonl")
 
 

@@ -4,14 +4,22 @@ import pytest
 from molmo_fast.data.formatter import format_example, points_to_text
 from molmo_fast.data.sources.academic import ai2d, chart_qa, count_bench, math_vista
 from molmo_fast.data.sources.pixmo import pixmo_points_eval
-from molmo_fast.eval.tasks import (BY_QUESTION_TYPE, HIGH_RES_MAX_CROPS, PAPER_TASKS, SYNTHETIC_TASKS, TASKS, Task,
-                                   get_task, parse_tasks)
+from molmo_fast.eval.tasks import (
+    BY_QUESTION_TYPE,
+    HIGH_RES_MAX_CROPS,
+    PAPER_TASKS,
+    SYNTHETIC_TASKS,
+    TASKS,
+    Task,
+    get_task,
+    parse_tasks,
+)
 
 
 def test_paper_suite_matches_the_published_average():
     assert len(PAPER_TASKS) == 11
     scores = [TASKS[name].paper_score for name in PAPER_TASKS]
-    assert round(sum(scores) / len(scores), 1) == 68.6  # MolmoE-1B's 11-benchmark average (REFERENCE.md §5)
+    assert round(sum(scores) / len(scores), 1) == 68.6  # MolmoE-1B's published 11-benchmark average
 
 
 def test_generation_lengths_and_resolution_follow_molmo():

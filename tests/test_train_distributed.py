@@ -1,5 +1,5 @@
 """End-to-end training runs of the tiny model on CPU (gloo): world-size parity, exact resume after kill -9,
-a kill during a checkpoint write, the NaN guard, and the HF export of a run."""
+a kill during a checkpoint write, the NaN guard, in-loop validation, and the HF export of a run."""
 
 import json
 import os
@@ -83,7 +83,7 @@ def _run(args: list[str], nproc: int = 0, script: str | None = None, check: bool
 
 def _losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows}
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}  # in-loop eval rows have no train/
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +179,34 @@ def test_compiled_blocks_train_exactly_like_eager(tmp_path, shards):
     _run(_args(tmp_path / "eager", shards, **no_dropout))
     _run(_args(tmp_path / "compiled", shards, **no_dropout, **{"TrainConfig.compile": True}))
     assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_in_loop_validation_logs_eval_scalars_and_leaves_training_unchanged(tmp_path, shards, reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from molmo_fast.eval.config import EvalConfig
+    from molmo_fast.eval.runner import run
+
+    run_dir, eval_data = tmp_path / "validated", tmp_path / "eval_data"
+    validation = {"TrainConfig.eval_every": 4, "TrainConfig.eval_tasks": "'synthetic_charts'",
+                  "TrainConfig.eval_max_examples": 3, "TrainConfig.eval_batch_size": 2,
+                  "TrainConfig.eval_loss": True, "TrainConfig.eval_data_dir": repr(str(eval_data))}
+    _run(_args(run_dir, shards, **{"DataConfig.num_workers": 1, "DataConfig.world_independent": False},
+               **validation))
+    # Validation draws nothing from the training RNG and leaves the model in training mode: the same curve.
+    assert _losses(run_dir) == _losses(reference)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval/synthetic_charts_loss/loss" in r}
+    assert sorted(evals) == [4, 6]  # every 4 steps and at the last
+    for step in (4, 6):
+        metrics = json.loads((run_dir / "eval" / f"step_{step}" / "synthetic_charts_loss" / "metrics.json").read_text())
+        assert metrics["n"] == 3 and metrics["settings"]["step"] == step
+        assert evals[step]["eval/synthetic_charts_loss/loss"] == pytest.approx(metrics["score"])
+    assert evals[4]["eval/synthetic_charts_loss/loss"] != evals[6]["eval/synthetic_charts_loss/loss"]
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    assert [e.step for e in events.Scalars("eval/synthetic_charts_loss/accuracy")] == [4, 6]
+    # The standalone eval of the step-6 checkpoint measures the same loss as the sharded training model did.
+    standalone = run(EvalConfig(checkpoint=str(run_dir), step=6, tasks="synthetic_charts", loss=True,
+                                max_examples=3, batch_size=2, data_dir=str(eval_data), out=str(tmp_path / "out")))
+    assert standalone[0]["score"] == pytest.approx(evals[6]["eval/synthetic_charts_loss/loss"], rel=1e-5)

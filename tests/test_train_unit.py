@@ -30,9 +30,16 @@ def shard_set(tmp_path_factory) -> Path:
     return fake_shard_set(tmp_path_factory.mktemp("data") / "a")
 
 
+# What a recipe supplies on top of a mixin (tiny.gin, molmoe_1b.gin): the fields without defaults.
+RECIPE = ["TrainConfig.max_steps = 10", "TrainConfig.global_batch_size = 8",
+          "OptimConfig.lr = {'vit': 1e-3, 'connector': 1e-3, 'llm': 1e-3}",
+          "OptimConfig.warmup = {'vit': 1, 'connector': 1, 'llm': 1}"]
+LR, WARMUP = {"vit": 1.0, "connector": 2.0, "llm": 3.0}, {"vit": 0, "connector": 4, "llm": 0}
+
+
 @pytest.fixture
 def BASE(shard_set) -> list[str]:
-    return ["TrainConfig.run_dir = '/tmp/unused'", f"DataConfig.shards = {{'a': '{shard_set}'}}"]
+    return ["TrainConfig.run_dir = '/tmp/unused'", f"DataConfig.shards = {{'a': '{shard_set}'}}", *RECIPE]
 
 
 def test_config_resolves_to_plain_picklable_dataclasses(BASE):
@@ -88,10 +95,16 @@ def test_bad_model_override_is_named(BASE):
 @pytest.mark.parametrize("name", ["demo", "tiny", "molmoe_1b", "pixmo", "pixmo_finetune"])
 def test_every_gin_file_parses_and_lists_its_macros(name, BASE, tmp_path):
     text = (REPO / "gin" / f"{name}.gin").read_text()
-    assert text.startswith("#") and "Required macros" in text.split("\n\n")[0]
-    assert "%gin.REQUIRED" not in text  # `python -m molmo_fast.train --gin_file gin/X.gin` runs as is
+    header = text.split("\n\n")[0]
+    assert text.startswith("#") and "Required macros" in header
+    required = re.findall(r"^(\w+) = %gin.REQUIRED$", text, re.M)
+    assert ("Required macros: none" in header) == (not required)
+    for macro in required:  # each one named in the header, and not binding it fails naming it
+        assert f"#   {macro}:" in header
+        with pytest.raises(SystemExit, match=rf"gin macro {macro} is required"):
+            load_config([str(REPO / "gin" / f"{name}.gin")], ["RUN_DIR = '/tmp/unused'"])
     # Recipes bind the run dir through RUN_DIR; model/size mixins leave run dir and data to the recipe.
-    params = ["RUN_DIR = '/tmp/unused'"] if "TrainConfig.run_dir" in text else BASE
+    params = ["RUN_DIR = '/tmp/unused'"] if re.search(r"^TrainConfig.run_dir =", text, re.M) else BASE
     if name == "pixmo":
         params.append(f"PIXMO_CAP_SHARDS = '{fake_shard_set(tmp_path / 'pixmo_cap')}'")
     if name == "pixmo_finetune":
@@ -110,13 +123,15 @@ def test_every_gin_file_parses_and_lists_its_macros(name, BASE, tmp_path):
 @pytest.mark.parametrize("recipe, field, default", [("pixmo", "DataConfig.shards['pixmo_cap']", "data/pixmo_cap"),
                                                      ("pixmo_finetune", "DataConfig.shards['vqa_v2']", "data/vqa_v2")])
 def test_recipe_defaults_fail_fast_naming_the_missing_shards_from_any_cwd(tmp_path, recipe, field, default):
-    """The users' exact command, run where nothing was built (and outside the repo, so includes must resolve
-    through the gin directory): it stops at config time, before a run dir or a model exists."""
+    """The users' exact command (the header's), run where nothing was built (and outside the repo, so includes
+    must resolve through the gin directory): it stops at config time, before a run dir or a model exists."""
+    args = ["--gin_file", str(REPO / "gin" / f"{recipe}.gin")]
     if recipe == "pixmo_finetune":
         (tmp_path / "runs" / "pixmo" / "hf").mkdir(parents=True)
         (tmp_path / "runs" / "pixmo" / "hf" / "config.json").write_text("{}")
-    proc = subprocess.run([sys.executable, "-m", "molmo_fast.train", "--gin_file", str(REPO / "gin" / f"{recipe}.gin")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        args += ["--gin_param", "INIT_CHECKPOINT = 'runs/pixmo/hf'"]
+    proc = subprocess.run([sys.executable, "-m", "molmo_fast.train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode != 0
     assert field in proc.stderr and repr(default) in proc.stderr
     source = default.split("/")[1]
@@ -179,7 +194,7 @@ class _Toy(nn.Module):
 
 
 def test_param_groups_freezing_and_per_group_lr():
-    cfg = OptimConfig(lr={"vit": 1.0, "connector": 2.0, "llm": 3.0}, warmup={"vit": 0, "connector": 4, "llm": 0})
+    cfg = OptimConfig(lr=LR, warmup=WARMUP)
     model = _Toy()
     assert param_group("llm.wte.new_embedding", cfg) == "connector"
     opt, groups = build_optimizer(model, cfg)
@@ -189,11 +204,11 @@ def test_param_groups_freezing_and_per_group_lr():
     assert lrs["connector"] == pytest.approx(1.0) and lrs["vit"] == pytest.approx(1.0 * (0.1 + 0.9 * 0.5 * (
         1 + math.cos(math.pi * 2 / 100))))
     with pytest.raises(ValueError, match="match no parameter"):
-        build_optimizer(_Toy(), OptimConfig(freeze=("nothing.here",)))
+        build_optimizer(_Toy(), OptimConfig(lr=LR, warmup=WARMUP, freeze=("nothing.here",)))
 
 
 def test_clipping_is_per_component():
-    cfg = OptimConfig()
+    cfg = OptimConfig(lr=LR, warmup=WARMUP)
     model = _Toy()
     _, groups = build_optimizer(model, cfg)
     for p in model.parameters():

@@ -3,11 +3,12 @@
 A task reads the shard set `{data_dir}/{source}/{split}` written by `python -m molmo_fast.data.build`. Each
 metric is a scorer `(raw_prediction, example) -> {name: score | None}`; None leaves the example out of that
 average (e.g. AI2D's opaque-box questions under the transparent-box setting). The task's `primary` entry is the
-number reported in the summary table and compared with `paper_score` (REFERENCE.md §5).
+number reported in the summary table and compared with `paper_score` (the MolmoE-1B score published in the Molmo paper).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from molmo_fast.eval import metrics as M
 
@@ -192,7 +193,7 @@ class Task:
 
 
 _TASKS = [
-    # The eleven benchmarks of the paper (published MolmoE-1B scores, REFERENCE.md §5). VQAv2, DocVQA and InfoVQA
+    # The eleven benchmarks of the paper (published MolmoE-1B scores). VQAv2, DocVQA and InfoVQA
     # were published on test-server splits; locally they run on validation, so expect small differences.
     Task("ai2d", "ai2d", "test", "mc_ai2d", "mc_ai2d_transparent", "ai2_diagram", paper_score=86.4),
     Task("chart_qa", "chart_qa", "test", "relaxed_correctness", "relaxed_correctness", "chart_qa", paper_score=78.0),

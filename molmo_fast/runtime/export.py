@@ -4,6 +4,7 @@ evaluated with small crops. Loadable by `MolmoE.from_pretrained`, the eval and g
 """
 
 import importlib.metadata
+import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from molmo_fast.runtime.checkpoints import find_checkpoint
 
+# The processor classes of the released molmoe-1b's remote code, under the module names it ships them in: HF's
+# AutoProcessor / AutoImageProcessor resolve preprocessor_config.json's auto_map against those files.
+HF_AUTO_MAP = {"AutoImageProcessor": "image_preprocessing_molmo.MolmoImageProcessor",
+               "AutoProcessor": "preprocessing_molmo.MolmoProcessor"}
 # The released molmoe-1b's generation_config.json names the transformers version that wrote it; ours does too
 # when transformers is installed, and otherwise repeats the release's.
 _RELEASE_TRANSFORMERS = "4.43.0.dev0"
@@ -28,6 +33,11 @@ def generation_config(eos_id: int, pad_id: int) -> dict:
             "transformers_version": version}
 
 
+def write_preprocessor_config(pp: dict, path: Path) -> None:
+    """Writes a preprocessor_config.json that HF's AutoProcessor resolves (the release's auto_map)."""
+    path.write_text(json.dumps({**pp, "auto_map": HF_AUTO_MAP}, indent=2, sort_keys=True) + "\n")
+
+
 def write_hf_dir(model: nn.Module, preprocessor_dir: Path, out_dir: Path) -> Path:
     """Writes `model` (unsharded, on CPU) plus the preprocessing files of `preprocessor_dir` to `out_dir`,
     atomically (a temp sibling renamed into place)."""
@@ -39,7 +49,10 @@ def write_hf_dir(model: nn.Module, preprocessor_dir: Path, out_dir: Path) -> Pat
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     for f in preprocessor_dir.iterdir():
-        shutil.copyfile(f, tmp / f.name)
+        if f.name == "preprocessor_config.json":  # run dirs written before the auto_map fix get it here
+            write_preprocessor_config(json.loads(f.read_text()), tmp / f.name)
+        else:
+            shutil.copyfile(f, tmp / f.name)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir

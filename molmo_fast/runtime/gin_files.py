@@ -2,12 +2,14 @@
 and one parse. Gin is used only while a config is being built; the configs themselves are plain dataclasses."""
 
 import logging
+import re
 from pathlib import Path
 
 import gin
 
 GIN_DIR = Path(__file__).resolve().parents[2] / "gin"
 
+_REQUIRED_MACRO = re.compile(r"^(\w+)/macro\.value set to `%gin\.REQUIRED`")
 _SEARCH_PATHS: list[str] = []  # gin keeps its search path across clear_config(); add each directory once
 
 
@@ -34,5 +36,12 @@ def parse_gin(gin_files: list[str], gin_params: list[str] | None = None) -> None
     logging.getLogger().addFilter(quiet)
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_params or []))
+    except ValueError as e:
+        required = _REQUIRED_MACRO.match(str(e))
+        if required:  # gin's wording names its internal binding; say what to pass instead
+            name = required.group(1)
+            raise ValueError(f"gin macro {name} is required (the gin file sets it to %gin.REQUIRED): pass "
+                             f"--gin_param '{name} = ...'") from None
+        raise
     finally:
         logging.getLogger().removeFilter(quiet)

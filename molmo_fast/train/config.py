@@ -13,6 +13,8 @@ from typing import Any
 import gin
 
 from molmo_fast import kernels
+from molmo_fast.eval.config import EvalConfig
+from molmo_fast.eval.tasks import parse_tasks
 from molmo_fast.runtime.gin_files import parse_gin
 from molmo_fast.train.elastic import ElasticConfig
 
@@ -167,10 +169,11 @@ def shard_dirs(root: str, names: list) -> dict:
 @gin.configurable
 @dataclass
 class OptimConfig:
-    """AdamW over vit / connector / llm groups (REFERENCE.md §6 pre-training values by default)."""
+    """AdamW over vit / connector / llm groups. `lr` (peak) and `warmup` (steps) per group are the recipe's: every
+    gin recipe states them (gin/pixmo.gin has Molmo's pre-training values)."""
 
-    lr: dict = field(default_factory=lambda: {"connector": 2e-4, "vit": 6e-6, "llm": 2e-5})
-    warmup: dict = field(default_factory=lambda: {"connector": 200, "vit": 2000, "llm": 2000})
+    lr: dict = gin.REQUIRED
+    warmup: dict = gin.REQUIRED
     final_lr_ratio: float = 0.1
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-6
@@ -197,11 +200,12 @@ class OptimConfig:
 @gin.configurable
 @dataclass
 class TrainConfig:
-    """The loop: batch geometry, losses, precision/parallelism switches, cadences and the run directory."""
+    """The loop: batch geometry, losses, precision/parallelism switches, cadences and the run directory.
+    `run_dir`, `max_steps` and `global_batch_size` are the recipe's (required)."""
 
     run_dir: str = gin.REQUIRED
-    max_steps: int = 1000
-    global_batch_size: int = 128
+    max_steps: int = gin.REQUIRED
+    global_batch_size: int = gin.REQUIRED
     micro_batch_size: int = 4
     seed: int = 6198
     lm_zloss_weight: float = 1e-4
@@ -219,6 +223,16 @@ class TrainConfig:
     export_hf_at_end: bool = True
     progress_bar: bool = True
     peak_flops: float | None = None  # per device; None = looked up from the device name
+    # In-loop validation (molmo_fast/train/validation.py): every `eval_every` steps (0 = never) and at the last
+    # step, the eval tasks `eval_tasks` (names as for `python -m molmo_fast.eval --tasks`) on the first
+    # `eval_max_examples` examples each (None = all), shard sets under `eval_data_dir`; `eval_loss` reports
+    # teacher-forced loss and token accuracy instead of generating.
+    eval_every: int = 0
+    eval_tasks: str = ""
+    eval_max_examples: int | None = 64
+    eval_batch_size: int = 8
+    eval_loss: bool = False
+    eval_data_dir: str = "data"
 
     def __post_init__(self):
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every",
@@ -227,6 +241,19 @@ class TrainConfig:
             _require(isinstance(value, int) and value > 0, "TrainConfig", name, value, "a positive int")
         for name in ("lm_zloss_weight", "moe_lb_weight", "moe_zloss_weight"):
             _require(getattr(self, name) >= 0, "TrainConfig", name, getattr(self, name), ">= 0")
+        _require(isinstance(self.eval_every, int) and self.eval_every >= 0, "TrainConfig", "eval_every",
+                 self.eval_every, "an int >= 0 (0 = no in-loop validation)")
+        if self.eval_every:
+            try:  # the validation's settings, checked now rather than at its first step
+                EvalConfig(checkpoint=self.run_dir, tasks=self.eval_tasks, data_dir=self.eval_data_dir,
+                           max_examples=self.eval_max_examples, batch_size=self.eval_batch_size, loss=self.eval_loss)
+            except ValueError as e:
+                raise ValueError(f"TrainConfig.eval_* (in-loop validation): {e}") from None
+            for task in parse_tasks(self.eval_tasks):
+                shards = Path(self.eval_data_dir) / task.source / task.split
+                _require(task.synthetic_size > 0 or (shards / "sizes.json").is_file(), "TrainConfig", "eval_tasks",
+                         task.name, f"a built shard set at {shards} (python -m molmo_fast.data.build --source "
+                         f"{task.source} --split {task.split} --out {shards}), or TrainConfig.eval_data_dir")
 
     def grad_accum_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size

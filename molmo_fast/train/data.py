@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+from molmo_fast.runtime.export import write_preprocessor_config
 from molmo_fast.train.config import DataConfig
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "special_tokens.json")
@@ -30,7 +31,7 @@ def write_preprocessor_dir(cfg: DataConfig, out_dir: str | Path) -> Path:
     if cfg.max_crops is not None:
         pp["max_crops"] = cfg.max_crops
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(pp, indent=2) + "\n")
+    write_preprocessor_config(pp, out_dir / "preprocessor_config.json")
     for name in _TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, out_dir / name)

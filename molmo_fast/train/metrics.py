@@ -1,9 +1,10 @@
 """Rank-0 scalar logging to TensorBoard and RUN_DIR/metrics.jsonl, plus throughput / MFU bookkeeping.
 
-Tags are `/`-grouped with units in the name (ECOSYSTEM.md §4.1). The same dict goes to both sinks, one JSON object
+Tags are `/`-grouped with units in the name. The same dict goes to both sinks, one JSON object
 per logged step, so a run can be plotted without TensorBoard.
 """
 
+import contextlib
 import json
 import resource
 import time
@@ -31,8 +32,9 @@ class FlopCounter:
     per text token, the LM head per loss position only (the trainer computes logits there alone), the token
     embedding not at all (a lookup), the ViT blocks that run (up to the deepest one the connector reads) per ViT
     token (patches + CLS of every real crop; padding crops run but do no useful work) and the connector per patch
-    of a real crop (an upper bound: its projector runs per pooled token). Attention scores add 6 * layers * width * length per token in the causal LLM (half of the
-    full square) and twice that in the bidirectional ViT.
+    of a real crop (an upper bound: its projector runs per pooled token). Attention scores add
+    6 * layers * width * length per token in the causal LLM (half of the full square) and twice that in the
+    bidirectional ViT.
     """
 
     def __init__(self, model):
@@ -90,8 +92,8 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step, max_queue=1000)
             path = run_dir / "metrics.jsonl"
             if purge_step is not None and path.exists():
-                kept = [l for l in path.read_text().splitlines() if _step_of(l) < purge_step]
-                path.write_text("".join(l + "\n" for l in kept))
+                kept = [line for line in path.read_text().splitlines() if _step_of(line) < purge_step]
+                path.write_text("".join(line + "\n" for line in kept))
             self.jsonl = path.open("a")
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
@@ -129,3 +131,74 @@ class Throughput:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {"elapsed_s": elapsed, "tokens_per_s": self.tokens / elapsed, "flops_per_s": self.flops / elapsed,
                 "data_wait_pct": 100.0 * self.data_wait / elapsed, "steps": self.steps}
+
+
+class StepReporter:
+    """The trainer's reporting: throughput and MFU windows, the progress bar, and the logged metrics of a step
+    (TensorBoard + metrics.jsonl on rank 0, see `MetricsLogger`)."""
+
+    def __init__(self, model, cfg, env, run_dir: Path, start_step: int, resumed: bool):
+        self.cfg, self.env = cfg, env
+        self.count_flops = FlopCounter(model)
+        self.peak = peak_flops(env.device, cfg.train.peak_flops)
+        self.meter = Throughput()
+        self.logger = MetricsLogger(run_dir, env.is_main, purge_step=start_step + 1 if resumed else None)
+        if env.is_main and start_step == 0:
+            self.logger.text("config", cfg.gin_config.replace("\n", "  \n"))
+        self.progress = None
+        if env.is_main and cfg.train.progress_bar:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    @contextlib.contextmanager
+    def waiting_for_data(self):
+        t0 = time.perf_counter()
+        yield
+        self.meter.data_wait += time.perf_counter() - t0
+
+    def step(self, micro_batches: list[dict], out) -> None:
+        """Counts a finished step (`out`: the trainer's StepOutput); its micro-batches carry their loss positions."""
+        crops = sum(int((b["images"] != -1).any(-1).any(-1).sum()) for b in micro_batches if "images" in b)
+        logit_positions = sum(b["loss_at"].numel() for b in micro_batches)
+        sequences = self.cfg.train.micro_batch_size * len(micro_batches)
+        flops = self.count_flops(sequences, self.cfg.data.sequence_length, crops, logit_positions)
+        self.meter.flops += flops * self.env.world_size
+        self.meter.tokens += out.tokens
+        self.meter.steps += 1
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{out.losses['loss']:.4f}")
+
+    def log(self, step: int, out, tokens_seen: int, extra: dict[str, float]) -> dict[str, float]:
+        """Logs the step's metrics and the throughput since the previous log; returns them."""
+        window, world = self.meter.window(), self.env.world_size
+        metrics = {"train/loss": out.losses["loss"], "train/lm_loss": out.losses["lm_loss"],
+                   "train/zloss": out.losses["zloss"], "train/accuracy": out.losses["correct"],
+                   "train/moe_aux_loss": out.losses.get("moe_aux_loss", 0.0),
+                   "train/loss_tokens": out.loss_tokens, "train/tokens_seen": float(tokens_seen),
+                   "perf/tokens_per_s": window["tokens_per_s"],
+                   "perf/tokens_per_s_per_device": window["tokens_per_s"] / world,
+                   "perf/data_wait_pct": window["data_wait_pct"],
+                   "perf/step_time_s": window["elapsed_s"] / max(window["steps"], 1)}
+        metrics.update({f"optim/grad_norm/{k}": v for k, v in out.grad_norms.items()})
+        metrics.update({f"optim/lr/{k}": v for k, v in out.lrs.items()})
+        if self.peak:
+            metrics["perf/mfu_pct"] = 100 * window["flops_per_s"] / (self.peak * world)
+        metrics.update(memory_stats(self.env.device))
+        metrics.update(out.router)
+        metrics.update(extra)
+        self.logger.log(step, metrics)
+        self.meter.reset()
+        return metrics
+
+    def log_eval(self, step: int, scalars: dict[str, float]) -> None:
+        """In-loop validation scalars (`eval/{task}/{metric}`), logged at the training step they measured; the time
+        spent evaluating is left out of the throughput window."""
+        self.logger.log(step, scalars)
+        self.meter.reset()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.logger.close()

@@ -2,7 +2,7 @@
 
 Molmo trains the three components at very different learning rates (connector 2e-4, ViT 6e-6, LLM 2e-5 when
 pre-training) and clips each component's gradient norm separately, so one noisy component cannot shrink the
-updates of the others (REFERENCE.md §6).
+updates of the others.
 """
 
 import fnmatch

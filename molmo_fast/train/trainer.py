@@ -8,8 +8,8 @@ world size or accumulation split. The LM z-loss and the MoE aux losses use the s
 
 import math
 import subprocess
-import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,8 +26,9 @@ from molmo_fast.train import checkpoint as ckpt
 from molmo_fast.train import elastic
 from molmo_fast.train.config import Config
 from molmo_fast.train.data import TrainData, build_mixture, write_preprocessor_dir
-from molmo_fast.train.metrics import FlopCounter, MetricsLogger, Throughput, memory_stats, peak_flops
+from molmo_fast.train.metrics import StepReporter
 from molmo_fast.train.optim import build_optimizer, clip_grad_norms, set_learning_rates
+from molmo_fast.train.validation import validate
 
 
 class TrainingDiverged(RuntimeError):
@@ -43,6 +44,13 @@ def git_revision() -> str:
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def resume_target(cfg: Config, resume: str | None) -> Path | None:
+    """The checkpoint directory `--resume` names: "latest" (the run dir's newest complete checkpoint) or a path."""
+    if not resume:
+        return None
+    return find_checkpoint(cfg.train.run_dir) if resume == "latest" else Path(resume)
 
 
 def prepare_run_dir(cfg: Config, env: Env, resuming: bool) -> Path:
@@ -134,32 +142,109 @@ def micro_batch_loss(model: nn.Module, batch: dict, divisor: torch.Tensor, lm_zl
 
 
 @torch.no_grad()
-def router_stats(router_logits: list[torch.Tensor], batch: dict, top_k: int) -> dict[str, float]:
-    """Expert-load balance of a micro-batch: LB loss, router z-loss and the spread of per-expert load."""
+def router_stats(model: nn.Module, router_logits: list[torch.Tensor], batch: dict) -> dict[str, float]:
+    """Expert-load balance of a micro-batch: LB loss, router z-loss and the spread of per-expert load, with each
+    layer's experts chosen as that layer routes them (its k, K_max and routing policy)."""
     from molmo_fast.model.moe import expert_load, load_balancing_loss, route, router_z_loss
 
+    llm = model.llm
+    moes = [block.moe for i, block in enumerate(llm.blocks) if i not in llm.skip_blocks]  # the layers that ran
     valid_T = (batch["input_ids"] != -1).flatten()
     lb, rz, cv, max_frac = [], [], [], []
-    for logits_TE in router_logits:
-        idx_TK, _ = route(logits_TE, top_k, top_k)
+    for logits_TE, moe in zip(router_logits, moes, strict=True):
+        idx_TK, _ = route(logits_TE, moe.k_max, moe.top_k, moe.policy)
         lb.append(load_balancing_loss(logits_TE, idx_TK, valid_T))
         rz.append(router_z_loss(logits_TE, valid_T))
         load_E = expert_load(idx_TK.masked_fill(~valid_T.unsqueeze(-1), -1), logits_TE.shape[-1]).float()
         frac_E = load_E / load_E.sum().clamp_min(1)
         cv.append(frac_E.std() / frac_E.mean().clamp_min(1e-9))
         max_frac.append(frac_E.max())
-    mean = lambda xs: float(torch.stack(xs).mean())  # noqa: E731
-    return {"moe/lb_loss": mean(lb), "moe/router_zloss": mean(rz), "moe/expert_load_cv": mean(cv),
-            "moe/max_expert_frac": mean(max_frac)}
+    stats = {"moe/lb_loss": lb, "moe/router_zloss": rz, "moe/expert_load_cv": cv, "moe/max_expert_frac": max_frac}
+    return {name: float(torch.stack(values).mean()) for name, values in stats.items()}
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step reports (host floats): loss parts averaged over ranks (`loss`, `lm_loss`, `zloss`,
+    `correct` = token accuracy, `moe_aux_loss` when weighted), pre-clip grad norms per group and in total, the
+    learning rates, the global loss-token count, tokens processed by all ranks and, when asked, router stats."""
+
+    losses: dict[str, float]
+    grad_norms: dict[str, float]
+    lrs: dict[str, float]
+    loss_tokens: float
+    tokens: int
+    router: dict[str, float] = field(default_factory=dict)
+    pass_losses: list[float] = field(default_factory=list)  # elastic sandwich: the loss of each pass
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, by_group: dict[str, list[nn.Parameter]],
+               micro_batches: list[dict], step: int, cfg: Config, env: Env, want_router: bool = False,
+               passes: list[elastic.Pass] | None = None) -> StepOutput:
+    """One optimizer step over this rank's micro-batches (host copies; each gains its `loss_positions`).
+    `passes`: the elastic top-k of each forward/backward pass per micro-batch (set on the model before it; the
+    step's loss is their mean); None trains the model as it is. Collective. Raises `TrainingDiverged`, before
+    touching the weights, if the loss or a grad norm is not finite."""
+    # Everything the host needs about the batches (loss positions, token counts for the divisor) comes from the
+    # host copies: no device sync inside the step until its one .tolist().
+    for b in micro_batches:
+        b.update(loss_positions(b))
+    loss_tokens = torch.stack([b["loss_tokens"] for b in micro_batches]).sum().to(env.device)
+    dist.all_reduce(loss_tokens)
+    divisor = (loss_tokens / env.world_size).clamp_min(1.0)
+
+    lrs = set_learning_rates(optimizer, step, cfg.train.max_steps, cfg.optim.final_lr_ratio)
+    totals: dict[str, torch.Tensor] = {}
+    router = {}
+    passes = passes or [None]
+    n_pass = len(passes)
+    for i, host_batch in gradient_sync_steps(model, micro_batches, cfg.train.defer_grad_sync):
+        batch = to_device(host_batch, env.device)  # one micro-batch on the device at a time
+        for j, k_pass in enumerate(passes):
+            if k_pass is not None:
+                elastic.apply(model, k_pass)  # data only; this pass's backward (and AC recompute) runs at it too
+            loss, parts, router_logits = micro_batch_loss(model, batch, divisor * n_pass, cfg.train.lm_zloss_weight,
+                                                          len(micro_batches) * n_pass, want_router and i == j == 0)
+            loss.backward()
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0) + v
+            if n_pass > 1:
+                pass_loss = parts["lm_loss"] + cfg.train.lm_zloss_weight * parts["zloss"] + parts.get("moe_aux_loss", 0)
+                totals[f"pass{j}"] = totals.get(f"pass{j}", 0) + n_pass * pass_loss
+            if router_logits:
+                router = router_stats(model, router_logits, batch)
+    if passes[0] is not None:
+        elastic.restore(model, cfg.elastic)  # validation, checkpoints and export see the model's own k
+    totals["loss"] = totals["lm_loss"] + cfg.train.lm_zloss_weight * totals["zloss"] + totals.get("moe_aux_loss", 0)
+    names = sorted(totals)
+    reduced = torch.stack([totals[k] for k in names])
+    dist.all_reduce(reduced)
+    norms = clip_grad_norms(by_group, cfg.optim.max_grad_norm)
+    # The step's one host sync: loss parts and grad norms together (the NaN guard needs both).
+    values = torch.cat([reduced / env.world_size, torch.stack(list(norms.values())).to(reduced),
+                        loss_tokens.view(1).to(reduced)]).tolist()
+    losses = dict(zip(names, values[:len(names)], strict=True))
+    pass_losses = [losses.pop(f"pass{j}") for j in range(n_pass)] if n_pass > 1 else [losses["loss"]]
+    grad_norms = dict(zip(norms, values[len(names):-1], strict=True))
+    bad = [k for k, v in {"loss": losses["loss"], **grad_norms}.items() if not math.isfinite(v)]
+    if bad:
+        raise TrainingDiverged(f"step {step}: non-finite {', '.join(bad)} (loss={losses['loss']}, grad norms="
+                               f"{grad_norms}); stopped before the optimizer step")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b["input_ids"].numel() for b in micro_batches) * env.world_size
+    return StepOutput(losses, grad_norms, lrs, values[-1], tokens, router, pass_losses)
+
+
+def _due(step: int, every: int, last: bool) -> bool:
+    return every > 0 and (step % every == 0 or last)
 
 
 def train(cfg: Config, resume: str | None = None) -> dict:
     """Runs (or resumes) a training job; returns the final step's metrics. `resume`: "latest" or a checkpoint dir."""
     env = init_distributed(always_group=True)
     torch.manual_seed(cfg.train.seed)
-    resume_path = None
-    if resume:
-        resume_path = find_checkpoint(cfg.train.run_dir) if resume == "latest" else Path(resume)
+    resume_path = resume_target(cfg, resume)
     model_config = cfg.model.build_config()
     sampler = elastic.KSampler(cfg.elastic, model_config.llm.n_layers, model_config.moe.top_k)  # checks the ks
     run_dir = prepare_run_dir(cfg, env, resuming=resume is not None)
@@ -180,133 +265,52 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     dist.barrier()
     data = TrainData(cfg.data, run_dir / "preprocessor", env.rank, env.world_size, cfg.train.micro_batch_size,
                      grad_accum, start_step)
-
-    mcfg = model.config
-    n_active = model.num_parameters(active=True)
-    count_flops = FlopCounter(model)
-    peak = peak_flops(env.device, cfg.train.peak_flops)
-    logger = MetricsLogger(run_dir, env.is_main, purge_step=start_step + 1 if resume_path else None)
+    report = StepReporter(model, cfg, env, run_dir, start_step, resumed=resume_path is not None)
     if env.is_main and start_step == 0:
-        logger.text("config", cfg.gin_config.replace("\n", "  \n"))
         print(f"molmo_fast.train: {env.world_size} rank(s), global batch {cfg.train.global_batch_size} = "
               f"{cfg.train.micro_batch_size} x {grad_accum} accum x {env.world_size}, {cfg.train.max_steps} steps, "
-              f"{n_active / 1e6:.1f}M active params, run dir {run_dir}", flush=True)
-    progress = None
-    if env.is_main and cfg.train.progress_bar:
-        from tqdm import tqdm
-
-        progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+              f"{model.num_parameters(active=True) / 1e6:.1f}M active params, run dir {run_dir}", flush=True)
 
     tokens_seen = state.get("tokens_seen", 0)
-    meter = Throughput()
     metrics: dict[str, float] = {}
     for step in range(start_step + 1, cfg.train.max_steps + 1):
-        log_now = step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.max_steps
-        t0 = time.perf_counter()
-        # The DataLoader draws its base seed from the global RNG when it starts; keep that out of the training
-        # stream (dropout) so a resumed run continues the exact RNG sequence of the checkpoint.
-        with torch.random.fork_rng(devices=[]):
-            micro_batches = data.next_step()
-        meter.data_wait += time.perf_counter() - t0
-        # Everything the host needs about the batches (loss positions, token and crop counts for the divisor
-        # and FLOPs) comes from the host copies: no device sync inside the step until its one .tolist().
-        for b in micro_batches:
-            b.update(loss_positions(b))
-        crops = sum(int((b["images"] != -1).any(-1).any(-1).sum()) for b in micro_batches if "images" in b)
-        logit_positions = sum(b["loss_at"].numel() for b in micro_batches)
-        meter.flops += count_flops(cfg.train.micro_batch_size * len(micro_batches), cfg.data.sequence_length,
-                                   crops, logit_positions) * env.world_size
-        loss_tokens = torch.stack([b["loss_tokens"] for b in micro_batches]).sum().to(env.device)
-        dist.all_reduce(loss_tokens)
-        divisor = (loss_tokens / env.world_size).clamp_min(1.0)
-
-        lrs = set_learning_rates(optimizer, step, cfg.train.max_steps, cfg.optim.final_lr_ratio)
-        totals: dict[str, torch.Tensor] = {}
-        moe = None
+        last = step == cfg.train.max_steps
+        log_now = step == 1 or _due(step, cfg.train.log_every, last)
+        with report.waiting_for_data():
+            # The DataLoader draws its base seed from the global RNG when it starts; keep that out of the training
+            # stream (dropout) so a resumed run continues the exact RNG sequence of the checkpoint.
+            with torch.random.fork_rng(devices=[]):
+                micro_batches = data.next_step()
         passes = sampler.passes(step)
-        n_pass = len(passes)  # sandwich: the step's loss is the mean of its passes' losses
-        for i, host_batch in gradient_sync_steps(model, micro_batches, cfg.train.defer_grad_sync):
-            batch = to_device(host_batch, env.device)  # one micro-batch on the device at a time
-            for j, k_pass in enumerate(passes):
-                if not cfg.elastic.is_default:
-                    elastic.apply(model, k_pass)  # data only; backward (and its recompute) follows at this k
-                want_router = log_now and i == 0 and j == 0
-                loss, parts, router_logits = micro_batch_loss(model, batch, divisor * n_pass,
-                                                              cfg.train.lm_zloss_weight, len(micro_batches) * n_pass,
-                                                              want_router)
-                loss.backward()
-                for k, v in parts.items():
-                    totals[k] = totals.get(k, 0) + v
-                if n_pass > 1:
-                    pass_loss = parts["lm_loss"] + cfg.train.lm_zloss_weight * parts["zloss"]
-                    totals[f"pass{j}_loss"] = totals.get(f"pass{j}_loss", 0) + n_pass * (
-                        pass_loss + parts.get("moe_aux_loss", 0))
-                if want_router and router_logits:
-                    moe = router_stats(router_logits, batch, mcfg.moe.top_k)
-        totals["loss"] = totals["lm_loss"] + cfg.train.lm_zloss_weight * totals["zloss"] + totals.get(
-            "moe_aux_loss", 0)
-        names = sorted(totals)
-        reduced = torch.stack([totals[k] for k in names])
-        dist.all_reduce(reduced)
-        norms = clip_grad_norms(by_group, cfg.optim.max_grad_norm)
-        # The step's one host sync: loss parts and grad norms together (the NaN guard needs both).
-        values = torch.cat([reduced / env.world_size, torch.stack(list(norms.values())).to(reduced),
-                            loss_tokens.view(1).to(reduced)]).tolist()
-        reduced = dict(zip(names, values[:len(names)]))
-        norm_values = dict(zip(norms, values[len(names):-1]))
-        bad = [k for k, v in {"loss": reduced["loss"], **norm_values}.items() if not math.isfinite(v)]
-        if bad:
-            last = checkpoint_dirs(run_dir)
-            keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-            logger.close()
-            raise TrainingDiverged(f"step {step}: non-finite {', '.join(bad)} (loss={reduced['loss']}, grad norms="
-                                   f"{norm_values}); stopped before the optimizer step, {keep}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        step_tokens = sum(b["input_ids"].numel() for b in micro_batches) * env.world_size
-        tokens_seen += step_tokens
-        meter.tokens += step_tokens
-        meter.steps += 1
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{reduced['loss']:.4f}")
+        try:
+            out = train_step(model, optimizer, by_group, micro_batches, step, cfg, env, want_router=log_now,
+                             passes=None if cfg.elastic.is_default else passes)
+        except TrainingDiverged as e:
+            report.close()
+            found = checkpoint_dirs(run_dir)
+            keep = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written yet"
+            raise TrainingDiverged(f"{e}, {keep}") from None
+        tokens_seen += out.tokens
+        report.step(micro_batches, out)
         if log_now:
-            window = meter.window()
-            metrics = {"train/loss": reduced["loss"], "train/lm_loss": reduced["lm_loss"],
-                       "train/zloss": reduced["zloss"], "train/accuracy": reduced["correct"],
-                       "train/moe_aux_loss": reduced.get("moe_aux_loss", 0.0),
-                       "train/loss_tokens": values[-1], "train/tokens_seen": float(tokens_seen),
-                       "perf/tokens_per_s": window["tokens_per_s"],
-                       "perf/tokens_per_s_per_device": window["tokens_per_s"] / env.world_size,
-                       "perf/data_wait_pct": window["data_wait_pct"],
-                       "perf/step_time_s": window["elapsed_s"] / max(window["steps"], 1)}
-            metrics.update({f"optim/grad_norm/{k}": v for k, v in norm_values.items()})
-            metrics.update({f"optim/lr/{k}": v for k, v in lrs.items()})
-            if peak:
-                metrics["perf/mfu_pct"] = 100 * window["flops_per_s"] / (peak * env.world_size)
-            metrics.update(memory_stats(env.device))
-            if moe:
-                metrics.update(moe)
-            metrics.update(elastic.step_metrics(cfg.elastic, passes,
-                                                [reduced.get(f"pass{j}_loss", reduced["loss"]) for j in range(n_pass)]))
-            metrics.update(data.stats())
-            logger.log(step, metrics)
-            meter.reset()
+            metrics = report.log(step, out, tokens_seen,
+                                 {**data.stats(), **elastic.step_metrics(cfg.elastic, passes, out.pass_losses)})
         if step == start_step + 1 and env.is_main and not (run_dir / "operative_config.gin").exists():
             import gin
 
             (run_dir / "operative_config.gin").write_text(gin.operative_config_str())
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+        if _due(step, cfg.train.eval_every, last):
+            report.log_eval(step, validate(model, cfg, env, run_dir, step))
+        if _due(step, cfg.train.checkpoint_every, last):
             ckpt.save_checkpoint(run_dir, step, model, optimizer,
                                  {"tokens_seen": tokens_seen, "elastic": sampler.state_dict()}, cfg.train.keep_last)
-    if not cfg.elastic.is_default:
-        elastic.restore(model, cfg.elastic)
-    if progress is not None:
-        progress.close()
-    logger.close()
+    report.close()
     data.close()
     if cfg.train.export_hf_at_end and start_step < cfg.train.max_steps:
         export_sharded_model(model, run_dir, run_dir / "hf", env.is_main)
         dist.barrier()
+    if env.is_main:
+        print(f"molmo_fast.train: wrote {run_dir}/ (metrics.jsonl, tb/, checkpoints/"
+              f"{', eval/' if cfg.train.eval_every else ''}{', hf/' if cfg.train.export_hf_at_end else ''})",
+              flush=True)
     return metrics
