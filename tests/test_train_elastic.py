@@ -314,3 +314,53 @@ def test_changing_k_between_passes_never_recompiles_compiled_blocks():
             if step == 1:
                 frames = counter.frame_count
     assert len(seen) > 2 and counter.frame_count == frames >= 1
+
+
+def test_sandwich_step_trains_on_the_mean_of_its_passes_gradients(tmp_path):
+    """train_step with three passes (k = 2, 1, 1) applies the mean of the gradients each k alone gives, reports each
+    pass's loss and their mean, and leaves the model at its own k."""
+    import torch.distributed as dist
+    from test_train_step import _cfg, _model, _rows, _split
+
+    from molmo_fast import knobs
+    from molmo_fast.runtime.device import Env
+    from molmo_fast.runtime.loss import loss_positions
+    from molmo_fast.train.optim import build_optimizer
+    from molmo_fast.train.trainer import micro_batch_loss, train_step
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cfg, env = _cfg(tmp_path), Env(0, 1, torch.device("cpu"))
+        cfg.elastic = ElasticConfig(mode="sandwich", ks=(1, 2), n_sampled=1)
+        cfg.optim.max_grad_norm = 1e9  # compare the raw gradients, not clipped ones
+        passes = [Pass((2, 2)), Pass((1, 1)), Pass((1, 1))]
+        model = _model()
+        optimizer, groups = build_optimizer(model, cfg.optim)
+        used = {}
+        optimizer.step = lambda: used.update({n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.grad is not None})
+        out = train_step(model, optimizer, groups, _split(_rows(4), 2), 1, cfg, env, passes=passes)
+        assert [b.moe.k for b in model.llm.blocks] == [TINY_TOP_K] * TINY_LAYERS
+
+        reference = _model()
+        micro = _split(_rows(4), 2)
+        for b in micro:
+            b.update(loss_positions(b))
+        divisor = sum(b["loss_tokens"] for b in micro)
+        grads, losses = {}, {}
+        for k in (1, 2):
+            knobs.set_top_k(reference, k)
+            reference.zero_grad()
+            total = sum(micro_batch_loss(reference, b, divisor, cfg.train.lm_zloss_weight, 2, False)[0] for b in micro)
+            total.backward()
+            losses[k] = float(total.detach())
+            grads[k] = {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None}
+    finally:
+        dist.destroy_process_group()
+    assert out.pass_losses == pytest.approx([losses[2], losses[1], losses[1]], rel=1e-5)
+    assert out.losses["loss"] == pytest.approx((losses[2] + 2 * losses[1]) / 3, rel=1e-5)
+    assert "llm.lm_head.weight" in used and used.keys() <= grads[1].keys()  # (the frozen embedding has none)
+    assert not torch.allclose(grads[1]["llm.lm_head.weight"],
+                                                                  grads[2]["llm.lm_head.weight"])
+    for name, g in used.items():
+        torch.testing.assert_close(g, (grads[2][name] + 2 * grads[1][name]) / 3, rtol=1e-4, atol=1e-7)
