@@ -235,12 +235,15 @@ def test_resolve_checkpoint_exports_a_run_step(checkpoint, tmp_path):
         resolve_checkpoint(run_dir, step=7)
 
 
-def test_gin_suite_with_cli_overrides(checkpoint, data_dir, tmp_path):
+def test_gin_suite_with_cli_overrides(checkpoint, data_dir, tmp_path, capsys):
     results = main(["--gin_file", "gin/eval/synthetic.gin", "--gin_param", "EvalConfig.tasks = 'synthetic_clocks'",
                     "--gin_param", "EvalConfig.max_examples = 2", "--checkpoint", str(checkpoint),
                     "--max_new_tokens", "2", "--out", str(tmp_path), "--data_dir", str(data_dir)])
     assert [r["task"] for r in results] == ["synthetic_clocks"] and results[0]["n"] == 2
     assert (tmp_path / "synthetic_clocks" / "metrics.json").is_file()  # --out wins over the gin file's out
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path}/" in out and f"tensorboard --logdir {tmp_path / 'tb'}" in out
+    assert (tmp_path / "tb").is_dir()
     with pytest.raises(ValueError, match="EvalConfig.tasks is required"):
         runner.EvalConfig(checkpoint="x")  # the gin bindings do not outlive main()
     with pytest.raises(ValueError, match="EvalConfig.tasks = 'chartqa': unknown eval task"):
@@ -279,3 +282,26 @@ def test_cli_rejects_a_pinned_gpu_under_torchrun(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", "unused", "--tasks", "synthetic", "--device", "cuda:1"])
     assert "--device) = 'cuda:1' would put all 2 torchrun ranks on one GPU" in capsys.readouterr().err
+
+
+def test_every_eval_setting_is_a_cli_flag_with_help():
+    import dataclasses
+
+    from molmo_fast.eval.__main__ import build_parser
+    from molmo_fast.eval.config import FIELD_HELP
+
+    assert set(FIELD_HELP) == {f.name for f in dataclasses.fields(runner.EvalConfig)}
+    actions = build_parser()._actions
+    assert all(a.help for a in actions)
+    assert {a.dest for a in actions} >= set(FIELD_HELP)
+
+
+def test_list_maps_every_task_to_the_source_data_build_writes(capsys):
+    from molmo_fast.eval.tasks import TASKS
+
+    assert main(["--list"]) == []
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:3] for line in lines[1:]}
+    assert set(rows) == set(TASKS)
+    assert rows["vqa2"] == ["vqa_v2", "validation"] and rows["doc_qa"] == ["doc_vqa", "validation"]
+    assert rows["countbench_qa"] == ["count_bench_qa", "test"]

@@ -182,6 +182,7 @@ def test_compiled_blocks_train_exactly_like_eager(tmp_path, shards):
 
 
 @pytest.mark.distributed
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_in_loop_validation_logs_eval_scalars_and_leaves_training_unchanged(tmp_path, shards, reference):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

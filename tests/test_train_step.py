@@ -1,6 +1,8 @@
 """The trainer's step function on its own: a plain (unsharded) tiny MolmoE in a one-process gloo group."""
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +95,31 @@ def test_router_stats_route_as_each_layer_does():
         load_E = torch.bincount(logits_TE.argmax(-1), minlength=logits_TE.shape[-1]).float()
         expected.append(float((load_E / load_E.sum()).max()))
     assert stats["moe/max_expert_frac"] == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+
+
+def test_validation_generates_with_the_sharded_training_model_and_leaves_it_training(tmp_path):
+    from molmo_fast.runtime.parallelize import parallelize
+    from molmo_fast.train.config import load_config
+    from molmo_fast.train.data import write_preprocessor_dir
+    from molmo_fast.train.validation import validate
+
+    repo = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    cfg = load_config([str(repo / "gin" / "tiny.gin")], [
+        f"TrainConfig.run_dir = '{run_dir}'", "DataConfig.synthetic = {'synthetic_charts': 8}",
+        "TrainConfig.max_steps = 4", "TrainConfig.global_batch_size = 2", "TrainConfig.eval_every = 2",
+        "TrainConfig.eval_tasks = 'synthetic_charts'", "TrainConfig.eval_max_examples = 3",
+        "TrainConfig.eval_batch_size = 2", f"TrainConfig.eval_data_dir = '{tmp_path / 'eval_data'}'",
+        "OptimConfig.lr = {'vit': 1e-3, 'connector': 1e-3, 'llm': 1e-3}",
+        "OptimConfig.warmup = {'vit': 1, 'connector': 1, 'llm': 1}"])
+    write_preprocessor_dir(cfg.data, run_dir / "preprocessor")
+    model = MolmoE.from_config_on_meta(cfg.model.build_config()).init_weights(seed=0)
+    parallelize(model, torch.device("cpu"), bf16=False, activation_checkpointing=False, compile_blocks=False)
+    model.train()
+    scalars = validate(model, cfg, Env(0, 1, torch.device("cpu")), run_dir, step=2)
+    assert model.training
+    task_dir = run_dir / "eval" / "step_2" / "synthetic_charts"
+    rows = [json.loads(line) for line in (task_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(isinstance(r["prediction"], str) for r in rows)
+    score = sum(r["score"]["relaxed_correctness"] for r in rows) / 3
+    assert scalars["eval/synthetic_charts/relaxed_correctness"] == pytest.approx(score)

@@ -58,10 +58,23 @@ def test_config_resolves_to_plain_picklable_dataclasses(BASE):
     ("OptimConfig.lr = {'vit': 1.0}", "OptimConfig.lr"),
     ("ModelConfig.init_from = '/nonexistent/ckpt'", "ModelConfig.init_from"),
     ("ModelConfig.init_scheme = 'xavier'", "ModelConfig.init_scheme"),
+    ("TrainConfig.eval_every = 5", "in-loop validation.*EvalConfig.tasks is required"),
+    ("TrainConfig.eval_every = -1", "TrainConfig.eval_every"),
 ])
 def test_bad_binding_fails_at_load_naming_it(binding, named, BASE):
     with pytest.raises(SystemExit, match=named):
         load_config([str(REPO / "gin" / "tiny.gin")], BASE + [binding])
+
+
+def test_in_loop_validation_tasks_are_checked_at_load(BASE, tmp_path):
+    every = "TrainConfig.eval_every = 5"
+    with pytest.raises(SystemExit, match="TrainConfig.eval_tasks = 'chart_qa'.*python -m molmo_fast.data.build"):
+        load_config([str(REPO / "gin" / "tiny.gin")], BASE + [every, "TrainConfig.eval_tasks = 'chart_qa'",
+                                                              f"TrainConfig.eval_data_dir = '{tmp_path}'"])
+    with pytest.raises(SystemExit, match="unknown eval task 'chartqa'"):
+        load_config([str(REPO / "gin" / "tiny.gin")], BASE + [every, "TrainConfig.eval_tasks = 'chartqa'"])
+    cfg = load_config([str(REPO / "gin" / "tiny.gin")], BASE + [every, "TrainConfig.eval_tasks = 'synthetic'"])
+    assert cfg.train.eval_every == 5  # synthetic sets are generated when first needed
 
 
 def test_mixture_settings_that_the_mixture_would_reject_fail_at_load(BASE, shard_set):

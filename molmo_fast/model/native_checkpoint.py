@@ -1,4 +1,4 @@
-"""The allenai/molmo native checkpoint layout (megablocks MoE, REFERENCE.md §2.2) <-> molmo_fast names.
+"""The allenai/molmo native checkpoint layout (megablocks MoE) <-> molmo_fast names.
 
 Native experts are concatenated along dim 0: `ffn.experts.mlp.w1` / `v1` [E*H, D] hold gate_proj / up_proj of
 expert e in rows e*H:(e+1)*H, and `w2` [E*H, D] holds down_proj TRANSPOSED ([H, D] per expert).
