@@ -5,6 +5,7 @@ import json
 import signal
 from collections import Counter
 
+import gin
 import numpy as np
 import pytest
 import torch
@@ -177,6 +178,7 @@ def test_elastic_recipes_parse_and_fit_their_models(tmp_path):
     assert ft.model.init_from == str(tmp_path / "init") and ft.train.run_dir == "runs/pixmo_finetune_elastic"
     released = MolmoEConfig.from_name("molmoe-1b")
     KSampler(ft.elastic, released.llm.n_layers, released.moe.top_k)
+    gin.clear_config()  # the recipe's bindings would reach the gin-configurable dataclasses of later tests
 
 # ---------------------------------------------------------------------------- in the trainer (tiny model, CLI runs)
 # Records, for every MoE forward (activation-checkpoint recomputes included), the layer and the number of active
