@@ -255,6 +255,8 @@ class MolmoEConfig:
             hidden_size=mlp_hidden // 2,  # SwiGLU halves the configured hidden width
             load_balancing_weight=float(get("moe_loss_weight", float)),
             z_loss_weight=float(get("moe_zloss_weight", float)),
+            # OLMoE's name; written by runs trained with renormalised routing (molmo_fast/train/elastic.py)
+            normalize_weights=get("norm_topk_prob", bool) if "norm_topk_prob" in d else False,
         )
         rates = {}
         for key, name in _DROPOUT_KEYS.items():
@@ -304,6 +306,8 @@ class MolmoEConfig:
             d["mlp_hidden_size"] = 2 * moe.hidden_size
         d.update(moe_num_experts=moe.num_experts, moe_top_k=moe.top_k, moe_loss_weight=moe.load_balancing_weight,
                  moe_zloss_weight=moe.z_loss_weight)
+        if moe.normalize_weights or "norm_topk_prob" in d:
+            d["norm_topk_prob"] = moe.normalize_weights
         for key, name in _DROPOUT_KEYS.items():
             rate = getattr(self.dropout, name)
             if key in d or rate:

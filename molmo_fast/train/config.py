@@ -16,6 +16,7 @@ from molmo_fast import kernels
 from molmo_fast.eval.config import EvalConfig
 from molmo_fast.eval.tasks import parse_tasks
 from molmo_fast.runtime.gin_files import parse_gin
+from molmo_fast.train.elastic import ElasticConfig
 from molmo_fast.typecheck import check_fields
 
 # The optimizer's parameter groups (molmo_fast/train/optim.py), keys of OptimConfig.lr / warmup.
@@ -278,10 +279,11 @@ class Config:
     data: DataConfig
     optim: OptimConfig
     train: TrainConfig
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
     gin_config: str = ""  # every binding parsed (written to RUN_DIR/config.gin)
 
     def to_dict(self) -> dict:
-        return {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "optim", "train")}
+        return {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "optim", "train", "elastic")}
 
 
 def load_config(gin_files: list[str], gin_params: list[str] | None = None) -> Config:
@@ -289,7 +291,8 @@ def load_config(gin_files: list[str], gin_params: list[str] | None = None) -> Co
     at start."""
     try:
         parse_gin(gin_files, gin_params)
-        cfg = Config(model=ModelConfig(), data=DataConfig(), optim=OptimConfig(), train=TrainConfig())
+        cfg = Config(model=ModelConfig(), data=DataConfig(), optim=OptimConfig(), train=TrainConfig(),
+                     elastic=ElasticConfig())
     except (ValueError, KeyError, TypeError, OSError, SyntaxError, RuntimeError) as e:
         raise SystemExit(f"molmo_fast.train: bad configuration: {e}") from e
     cfg.gin_config = gin.config_str()

@@ -25,6 +25,7 @@ from molmo_fast.runtime.export import check_export_dir, export_sharded_model
 from molmo_fast.runtime.loss import loss_positions, masked_token_sums
 from molmo_fast.runtime.parallelize import parallelize
 from molmo_fast.train import checkpoint as ckpt
+from molmo_fast.train import elastic
 from molmo_fast.train.config import Config
 from molmo_fast.train.data import TrainData, build_mixture, preprocessor_config, write_preprocessor_dir
 from molmo_fast.train.metrics import StepReporter
@@ -98,7 +99,9 @@ def prepare_run_dir(cfg: Config, env: Env, resume_state: dict | None, changes: l
         claim_output_dir(run_dir, "train_run", reuse=resuming)
         if not resuming:
             (run_dir / "config.gin").write_text(cfg.gin_config)
-            cfg.model.build_config().to_hf_json(run_dir / "model_config.json")
+            model_config = cfg.model.build_config()
+            elastic.record(model_config, cfg.elastic)
+            model_config.to_hf_json(run_dir / "model_config.json")
             write_preprocessor_dir(cfg.data, run_dir / "preprocessor")
         elif changes:
             for name, old, new in changes:
@@ -206,12 +209,16 @@ class StepOutput:
     loss_tokens: float
     tokens: int
     router: dict[str, float] = field(default_factory=dict)
+    pass_losses: list[float] = field(default_factory=list)  # elastic sandwich: the loss of each pass
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, by_group: dict[str, list[nn.Parameter]],
-               micro_batches: list[dict], step: int, cfg: Config, env: Env, want_router: bool = False) -> StepOutput:
+               micro_batches: list[dict], step: int, cfg: Config, env: Env, want_router: bool = False,
+               passes: list[elastic.Pass] | None = None) -> StepOutput:
     """One optimizer step over this rank's micro-batches (host copies; each gains its `loss_positions`).
-    Collective. Raises `TrainingDiverged`, before touching the weights, if the loss or a grad norm is not finite."""
+    `passes`: the elastic top-k of each forward/backward pass per micro-batch (set on the model before it; the
+    step's loss is their mean); None trains the model as it is. Collective. Raises `TrainingDiverged`, before
+    touching the weights, if the loss or a grad norm is not finite."""
     # Everything the host needs about the batches (loss positions, token counts for the divisor) comes from the
     # host copies: no device sync inside the step until its one .tolist().
     for b in micro_batches:
@@ -223,15 +230,25 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, by_group: dic
     lrs = set_learning_rates(optimizer, step, cfg.train.max_steps, cfg.optim.final_lr_ratio)
     totals: dict[str, torch.Tensor] = {}
     router = {}
+    passes = passes or [None]
+    n_pass = len(passes)
     for i, host_batch in gradient_sync_steps(model, micro_batches, cfg.train.defer_grad_sync):
         batch = to_device(host_batch, env.device)  # one micro-batch on the device at a time
-        loss, parts, router_logits = micro_batch_loss(model, batch, divisor, cfg.train.lm_zloss_weight,
-                                                      len(micro_batches), want_router and i == 0)
-        loss.backward()
-        for k, v in parts.items():
-            totals[k] = totals.get(k, 0) + v
-        if router_logits:
-            router = router_stats(model, router_logits, batch)
+        for j, k_pass in enumerate(passes):
+            if k_pass is not None:
+                elastic.apply(model, k_pass)  # data only; this pass's backward (and AC recompute) runs at it too
+            loss, parts, router_logits = micro_batch_loss(model, batch, divisor * n_pass, cfg.train.lm_zloss_weight,
+                                                          len(micro_batches) * n_pass, want_router and i == j == 0)
+            loss.backward()
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0) + v
+            if n_pass > 1:
+                pass_loss = parts["lm_loss"] + cfg.train.lm_zloss_weight * parts["zloss"] + parts.get("moe_aux_loss", 0)
+                totals[f"pass{j}"] = totals.get(f"pass{j}", 0) + n_pass * pass_loss
+            if router_logits:
+                router = router_stats(model, router_logits, batch)
+    if passes[0] is not None:
+        elastic.restore(model, cfg.elastic)  # validation, checkpoints and export see the model's own k
     totals["loss"] = totals["lm_loss"] + cfg.train.lm_zloss_weight * totals["zloss"] + totals.get("moe_aux_loss", 0)
     names = sorted(totals)
     reduced = torch.stack([totals[k] for k in names])
@@ -241,6 +258,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, by_group: dic
     values = torch.cat([reduced / env.world_size, torch.stack(list(norms.values())).to(reduced),
                         loss_tokens.view(1).to(reduced)]).tolist()
     losses = dict(zip(names, values[:len(names)], strict=True))
+    pass_losses = [losses.pop(f"pass{j}") for j in range(n_pass)] if n_pass > 1 else [losses["loss"]]
     grad_norms = dict(zip(norms, values[len(names):-1], strict=True))
     bad = [k for k, v in {"loss": losses["loss"], **grad_norms}.items() if not math.isfinite(v)]
     if bad:
@@ -249,7 +267,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, by_group: dic
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b["input_ids"].numel() for b in micro_batches) * env.world_size
-    return StepOutput(losses, grad_norms, lrs, values[-1], tokens, router)
+    return StepOutput(losses, grad_norms, lrs, values[-1], tokens, router, pass_losses)
 
 
 def _due(step: int, every: int, last: bool) -> bool:
@@ -270,6 +288,10 @@ def train(cfg: Config, resume: str | None = None, allow_changed: tuple[str, ...]
         resume_path = find_resume_target(run_dir, resume)
         state, changes = check_resume(resume_path, cfg, list(allow_changed))
     preflight(cfg, env)
+    model_config = cfg.model.build_config()
+    sampler = elastic.KSampler(cfg.elastic, model_config.llm.n_layers, model_config.moe.top_k)  # checks the ks
+    if state and "elastic" in state:
+        sampler.load_state_dict(state["elastic"])
     if env.is_main:  # generate missing synthetic shard sets once, before every rank opens them
         build_mixture(cfg.data)
     dist.barrier()
@@ -278,7 +300,7 @@ def train(cfg: Config, resume: str | None = None, allow_changed: tuple[str, ...]
     try:
         stream_changed = any(name.startswith("DataConfig.") or name == "TrainConfig.global_batch_size"
                              for name, _, _ in changes)
-        return _train(cfg, env, run_dir, resume_path, state or {}, stream_changed, steps_done)
+        return _train(cfg, env, run_dir, resume_path, state or {}, stream_changed, sampler, steps_done)
     except BaseException:
         if created and env.is_main and steps_done[0] == 0 and remove_own_output(run_dir, "train_run"):
             print(f"molmo_fast.train: the run failed before its first step; removed {run_dir}", file=sys.stderr)
@@ -286,7 +308,7 @@ def train(cfg: Config, resume: str | None = None, allow_changed: tuple[str, ...]
 
 
 def _train(cfg: Config, env: Env, run_dir: Path, resume_path: Path | None, state: dict, stream_changed: bool,
-           steps_done: list) -> dict:
+           sampler: elastic.KSampler, steps_done: list) -> dict:
     grad_accum = cfg.train.grad_accum_steps(env.world_size)
     model = build_model(cfg, env)
     optimizer, by_group = build_optimizer(model, cfg.optim)
@@ -317,8 +339,10 @@ def _train(cfg: Config, env: Env, run_dir: Path, resume_path: Path | None, state
             # stream (dropout) so a resumed run continues the exact RNG sequence of the checkpoint.
             with torch.random.fork_rng(devices=[]):
                 micro_batches = data.next_step()
+        passes = sampler.passes(step)
         try:
-            out = train_step(model, optimizer, by_group, micro_batches, step, cfg, env, want_router=log_now)
+            out = train_step(model, optimizer, by_group, micro_batches, step, cfg, env, want_router=log_now,
+                             passes=None if cfg.elastic.is_default else passes)
         except TrainingDiverged as e:
             report.close()
             found = checkpoint_dirs(run_dir)
@@ -328,7 +352,8 @@ def _train(cfg: Config, env: Env, run_dir: Path, resume_path: Path | None, state
         tokens_seen += out.tokens
         report.step(micro_batches, out)
         if log_now:
-            metrics = report.log(step, out, tokens_seen, data.stats())
+            metrics = report.log(step, out, tokens_seen,
+                                 {**data.stats(), **elastic.step_metrics(cfg.elastic, passes, out.pass_losses)})
         if step == start_step + 1 and env.is_main and not (run_dir / "operative_config.gin").exists():
             import gin
 
@@ -336,7 +361,8 @@ def _train(cfg: Config, env: Env, run_dir: Path, resume_path: Path | None, state
         if _due(step, cfg.train.eval_every, last):
             report.log_eval(step, validate(model, cfg, env, run_dir, step))
         if _due(step, cfg.train.checkpoint_every, last):
-            train_state = {"tokens_seen": tokens_seen, "config": config_record(cfg), "data": data.loader.state_dict()}
+            train_state = {"tokens_seen": tokens_seen, "config": config_record(cfg), "data": data.loader.state_dict(),
+                           "elastic": sampler.state_dict()}
             ckpt.save_checkpoint(run_dir, step, model, optimizer, train_state, cfg.train.keep_last)
     report.close()
     data.close()
