@@ -85,14 +85,7 @@ def main(argv=None) -> list[dict]:
                    help="per-block activation checkpointing in the eager / blocks modes (default 1)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
-    cfg = MolmoEConfig.from_name(args.preset)
-    d = cfg.to_hf_dict()
-    for item in args.override:
-        key, _, value = item.partition("=")
-        if key not in d:
-            raise SystemExit(f"--override {item!r}: {key!r} is not a config.json field")
-        d[key] = json.loads(value)
-    cfg = MolmoEConfig.from_hf_dict(d, source="--override")
+    cfg = MolmoEConfig.from_name(args.preset).with_overrides(args.override)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo" if device.type == "cpu" else "nccl", rank=0, world_size=1,

@@ -322,6 +322,16 @@ class MolmoEConfig:
             path = path / "config.json"
         path.write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
+    def with_overrides(self, items: list[str], source: str = "--override") -> "MolmoEConfig":
+        """This config with `KEY=VALUE` strings applied to its config.json fields (VALUE is JSON), for CLIs."""
+        d = self.to_hf_dict()
+        for item in items:
+            key, _, value = item.partition("=")
+            if key not in d:
+                raise ValueError(f"{source} {item!r}: {key!r} is not a config.json field")
+            d[key] = json.loads(value)
+        return type(self).from_hf_dict(d, source=source)
+
     # ---------------------------------------------------------------- presets
     @classmethod
     def from_name(cls, name: str) -> "MolmoEConfig":

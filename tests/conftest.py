@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,21 @@ def golden_model(golden_dir):
     from molmo_fast.model.molmoe import MolmoE
 
     return MolmoE.from_pretrained(golden_dir / "tiny_model")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, golden_dir) -> Path:
+    """An HF checkpoint dir of the golden tiny model with room for the shipped tokenizer's ids, random weights."""
+    from molmo_fast.config import MolmoEConfig
+    from molmo_fast.model.molmoe import MolmoE
+
+    out = tmp_path_factory.mktemp("ckpt")
+    config = json.loads((golden_dir / "tiny_model" / "config.json").read_text())
+    config.update(vocab_size=50280, embedding_size=50304)
+    (out / "config.json").write_text(json.dumps(config))
+    MolmoE(MolmoEConfig.from_hf_json(out / "config.json")).init_weights(0).save_pretrained(out)
+    shutil.copy(golden_dir / "tiny_model" / "preprocessor_config.json", out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from molmo_fast.config import MolmoEConfig
 from molmo_fast.data.formatter import count_to_text, points_to_text
 from molmo_fast.data.sources.synthetic import make_example
 from molmo_fast.eval import generation, runner
@@ -21,17 +20,6 @@ from molmo_fast.runtime.device import resolve_device
 
 SYNTHETIC = ["synthetic_counting", "synthetic_pointing", "synthetic_clocks", "synthetic_charts"]
 N = 6  # with batch 4: one full batch and one padded batch
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, golden_dir) -> Path:
-    out = tmp_path_factory.mktemp("ckpt")
-    config = json.loads((golden_dir / "tiny_model" / "config.json").read_text())
-    config.update(vocab_size=50280, embedding_size=50304)  # room for the shipped tokenizer's ids
-    (out / "config.json").write_text(json.dumps(config))
-    MolmoE(MolmoEConfig.from_hf_json(out / "config.json")).init_weights(0).save_pretrained(out)
-    shutil.copy(golden_dir / "tiny_model" / "preprocessor_config.json", out)
-    return out
 
 
 @pytest.fixture(scope="module")

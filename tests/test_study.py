@@ -1,14 +1,10 @@
 """python -m molmo_fast.study: grid parsing, Pareto marking, and a two-setting study end to end on a tiny model."""
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from molmo_fast.config import MolmoEConfig
-from molmo_fast.model.molmoe import MolmoE
 from molmo_fast.study import runner as study_runner
 from molmo_fast.study.cli import main
 from molmo_fast.study.grid import knob_strings, label, parse_grid, setting_id
@@ -44,17 +40,6 @@ def test_pareto_marks_rows_nobody_beats_on_both_axes():
     assert [r["pareto"] for r in rows] == [True, True, False, True, False, False]
     assert [e["id"] for e in fronts["fronts"]["latency"]] == ["r0", "r1", "r3"]
     assert [e["id"] for e in fronts["fronts"]["active_experts"]] == ["r4", "r0", "r2", "r1"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, golden_dir) -> Path:
-    out = tmp_path_factory.mktemp("ckpt")
-    config = json.loads((golden_dir / "tiny_model" / "config.json").read_text())
-    config.update(vocab_size=50280, embedding_size=50304)  # room for the shipped tokenizer's ids
-    (out / "config.json").write_text(json.dumps(config))
-    MolmoE(MolmoEConfig.from_hf_json(out / "config.json")).init_weights(0).save_pretrained(out)
-    shutil.copy(golden_dir / "tiny_model" / "preprocessor_config.json", out)
-    return out
 
 
 def _args(checkpoint, out, data_dir, *extra):
