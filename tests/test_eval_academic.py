@@ -7,7 +7,6 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image
-from test_eval_runner import checkpoint  # noqa: F401  (module-scoped fixture)
 
 from molmo_fast.data.build import main as build_main
 from molmo_fast.eval.__main__ import main as eval_main

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 from safetensors.torch import load_file, save_file
-from test_eval_runner import checkpoint, data_dir  # noqa: F401  (module-scoped fixtures)
+from test_eval_runner import data_dir  # noqa: F401  (module-scoped fixture; checkpoint comes from conftest)
 
 from molmo_fast.data.preprocessor import Preprocessor
 from molmo_fast.eval.__main__ import main
