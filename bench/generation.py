@@ -29,8 +29,7 @@ from molmo_fast import knobs
 from molmo_fast.config import MolmoEConfig
 from molmo_fast.latency import measure_stages
 from molmo_fast.model.molmoe import MolmoE
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from molmo_fast.runtime.device import DTYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
